@@ -1,0 +1,49 @@
+# Sluice: every target installs what it needs on a fresh machine (Python venv, Kafka jars via
+# Maven, MinIO via go install); downloads are cached under ~/.cache/sluice and .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test unit lint typecheck bench up down clean
+
+help:
+	@echo "make demo | test | unit | lint | typecheck | bench | up | down | clean"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sluice demo
+
+test: $(STAMP)
+	$(BIN)/python -m infra fetch --minio
+	$(BIN)/pytest -v $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/pytest -v -m "not integration" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.transport
+
+up: $(STAMP)
+	$(BIN)/sluice up --minio
+
+down: $(STAMP)
+	$(BIN)/sluice down
+
+clean:
+	rm -rf $(VENV) .sluice .pytest_cache .mypy_cache .ruff_cache

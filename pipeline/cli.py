@@ -1,0 +1,122 @@
+"""The ``sluice`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra import local
+from infra.process import InfraError
+from pipeline import admin
+from pipeline.config import Settings, load_settings
+
+app = typer.Typer(help="Sluice: LLM serving as an event-driven pipeline over Kafka.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)  # fmt: skip
+topics_app = typer.Typer(help="Create and inspect Sluice topics.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+@app.command()
+def up(
+    minio: Annotated[bool, typer.Option(help="Start MinIO too.")] = False,
+    port: Annotated[int, typer.Option(help="Broker port (0: a free one).")] = 0,
+) -> None:
+    """Start the local Kafka broker (KRaft) and optionally MinIO; idempotent."""
+    try:
+        with console.status("starting local services (first run fetches Kafka / builds MinIO)"):
+            st = local.up(minio=minio, kafka_port=port)
+    except InfraError as exc:
+        raise _fail(str(exc)) from exc
+    if st.kafka:
+        console.print(f"kafka  [green]{st.kafka.address}[/] (log {st.kafka.log_path})")
+        console.print(f"       export SLUICE_BOOTSTRAP_SERVERS={st.kafka.address}")
+    if st.minio:
+        console.print(f"minio  [green]http://{st.minio.address}[/]")
+
+
+@app.command()
+def down() -> None:
+    """Stop the local services that ``sluice up`` started."""
+    stopped = local.down()
+    console.print("\n".join(f"stopped {s}" for s in stopped) or "nothing was running")
+
+
+@app.command()
+def demo() -> None:
+    """Bring up a local broker, create the topics, show them, and stop everything."""
+    try:
+        with console.status("starting a local Kafka broker"):
+            st = local.up()
+    except InfraError as exc:
+        raise _fail(str(exc)) from exc
+    assert st.kafka is not None
+    try:
+        settings = load_settings(bootstrap_servers=st.kafka.address)
+        asyncio.run(admin.create_topics(settings))
+        topics_list_for(settings)
+    finally:
+        local.down()
+
+
+@topics_app.command("create")
+def topics_create(
+    partitions: Annotated[int | None, typer.Option(help="Partitions per topic.")] = None,
+) -> None:
+    """Create every Sluice topic and its .DLT twin (idempotent)."""
+    settings = _settings()
+    created, existing = asyncio.run(admin.create_topics(settings, partitions=partitions))
+    for name in created:
+        console.print(f"created  {name}")
+    for name in existing:
+        console.print(f"exists   {name}")
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """Every Sluice topic with its partitions and end offsets."""
+    topics_list_for(_settings())
+
+
+def topics_list_for(settings: Settings) -> None:
+    infos = asyncio.run(admin.describe_topics(settings))
+    table = Table(title=f"topics on {settings.bootstrap_servers}")
+    table.add_column("topic")
+    table.add_column("partitions", justify="right")
+    table.add_column("messages", justify="right")
+    table.add_column("end offsets")
+    for info in infos:
+        offsets = " ".join(f"{p}:{o}" for p, o in sorted(info.end_offsets.items()))
+        table.add_row(info.name, str(info.partitions), str(info.messages), offsets)
+    console.print(table)
+    missing = set(settings.topics.all_topics()) - {i.name for i in infos}
+    if missing:
+        raise _fail(f"missing topics: {', '.join(sorted(missing))} (run: sluice topics create)", 1)
+
+
+if __name__ == "__main__":
+    app()

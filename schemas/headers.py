@@ -1,0 +1,470 @@
+"""Record headers: CloudEvents (Kafka protocol binding, binary content mode), W3C trace context,
+and the dead-letter header sets of Spring Kafka and Kafka Connect.
+
+Headers are aiokafka's shape, `list[tuple[str, bytes]]`. Values are UTF-8 text except Spring's
+`kafka_dlt-original-partition/-offset/-timestamp`, which Spring writes as big-endian binary
+integers (partition 4 bytes, offset and timestamp 8 bytes); Kafka Connect's
+`__connect.errors.partition/-offset` are ASCII decimal. `decode_dlt_int` reads both.
+
+Reading is tolerant: a foreign producer may send plain JSON with no CloudEvents headers at all,
+so every parsed field may be None. Names match case-insensitively and, as in Kafka's
+`Headers.lastHeader`, the last occurrence of a name wins.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import struct
+import traceback
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+__all__ = [
+    "APPLICATION_JSON",
+    "CE_ID",
+    "CE_SOURCE",
+    "CE_SPECVERSION",
+    "CE_TIME",
+    "CE_TYPE",
+    "CONNECT_ERRORS_CLASS_NAME",
+    "CONNECT_ERRORS_CONNECTOR_NAME",
+    "CONNECT_ERRORS_EXCEPTION_CLASS_NAME",
+    "CONNECT_ERRORS_EXCEPTION_MESSAGE",
+    "CONNECT_ERRORS_EXCEPTION_STACKTRACE",
+    "CONNECT_ERRORS_OFFSET",
+    "CONNECT_ERRORS_PARTITION",
+    "CONNECT_ERRORS_STAGE",
+    "CONNECT_ERRORS_TASK_ID",
+    "CONNECT_ERRORS_TOPIC",
+    "CONTENT_TYPE",
+    "DLT_EXCEPTION_CAUSE_FQCN",
+    "DLT_EXCEPTION_FQCN",
+    "DLT_EXCEPTION_MESSAGE",
+    "DLT_EXCEPTION_STACKTRACE",
+    "DLT_ORIGINAL_CONSUMER_GROUP",
+    "DLT_ORIGINAL_OFFSET",
+    "DLT_ORIGINAL_PARTITION",
+    "DLT_ORIGINAL_TIMESTAMP",
+    "DLT_ORIGINAL_TIMESTAMP_TYPE",
+    "DLT_ORIGINAL_TOPIC",
+    "MAX_STACKTRACE_BYTES",
+    "SLUICE_DEGRADED",
+    "SLUICE_DLT_REASON",
+    "SLUICE_REQUEST_ID",
+    "SLUICE_TIMINGS",
+    "SPECVERSION",
+    "TRACEPARENT",
+    "TRACESTATE",
+    "DeadLetterInfo",
+    "EventHeaders",
+    "Headers",
+    "HeadersIn",
+    "TraceContext",
+    "child_traceparent",
+    "decode_dlt_int",
+    "encode_int32",
+    "encode_int64",
+    "header_bytes",
+    "header_value",
+    "is_valid_traceparent",
+    "make_dlt_headers",
+    "make_headers",
+    "new_traceparent",
+    "parse_dlt_headers",
+    "parse_headers",
+    "parse_traceparent",
+]
+
+Headers = list[tuple[str, bytes]]
+"""Headers as Sluice writes them (aiokafka's producer format)."""
+HeadersIn = Sequence[tuple[str, bytes | None]]
+"""Headers as they may arrive: Kafka allows null values."""
+
+# CloudEvents, Kafka protocol binding, binary content mode.
+CE_SPECVERSION: Final = "ce_specversion"
+CE_ID: Final = "ce_id"
+CE_SOURCE: Final = "ce_source"
+CE_TYPE: Final = "ce_type"
+CE_TIME: Final = "ce_time"
+CONTENT_TYPE: Final = "content-type"
+SPECVERSION: Final = "1.0"
+APPLICATION_JSON: Final = "application/json"
+
+# W3C trace context.
+TRACEPARENT: Final = "traceparent"
+TRACESTATE: Final = "tracestate"
+
+# Sluice's own.
+SLUICE_REQUEST_ID: Final = "sluice-request-id"
+SLUICE_DEGRADED: Final = "sluice-degraded"
+SLUICE_TIMINGS: Final = "sluice-timings"
+SLUICE_DLT_REASON: Final = "sluice-dlt-reason"
+
+# Spring Kafka DeadLetterPublishingRecoverer.
+DLT_ORIGINAL_TOPIC: Final = "kafka_dlt-original-topic"
+DLT_ORIGINAL_PARTITION: Final = "kafka_dlt-original-partition"
+DLT_ORIGINAL_OFFSET: Final = "kafka_dlt-original-offset"
+DLT_ORIGINAL_TIMESTAMP: Final = "kafka_dlt-original-timestamp"
+DLT_ORIGINAL_TIMESTAMP_TYPE: Final = "kafka_dlt-original-timestamp-type"
+DLT_ORIGINAL_CONSUMER_GROUP: Final = "kafka_dlt-original-consumer-group"
+DLT_EXCEPTION_FQCN: Final = "kafka_dlt-exception-fqcn"
+DLT_EXCEPTION_CAUSE_FQCN: Final = "kafka_dlt-exception-cause-fqcn"
+DLT_EXCEPTION_MESSAGE: Final = "kafka_dlt-exception-message"
+DLT_EXCEPTION_STACKTRACE: Final = "kafka_dlt-exception-stacktrace"
+
+# Kafka Connect errors.deadletterqueue.context.headers.enable=true.
+CONNECT_ERRORS_TOPIC: Final = "__connect.errors.topic"
+CONNECT_ERRORS_PARTITION: Final = "__connect.errors.partition"
+CONNECT_ERRORS_OFFSET: Final = "__connect.errors.offset"
+CONNECT_ERRORS_CONNECTOR_NAME: Final = "__connect.errors.connector.name"
+CONNECT_ERRORS_TASK_ID: Final = "__connect.errors.task.id"
+CONNECT_ERRORS_STAGE: Final = "__connect.errors.stage"
+CONNECT_ERRORS_CLASS_NAME: Final = "__connect.errors.class.name"
+CONNECT_ERRORS_EXCEPTION_CLASS_NAME: Final = "__connect.errors.exception.class.name"
+CONNECT_ERRORS_EXCEPTION_MESSAGE: Final = "__connect.errors.exception.message"
+CONNECT_ERRORS_EXCEPTION_STACKTRACE: Final = "__connect.errors.exception.stacktrace"
+
+MAX_STACKTRACE_BYTES: Final = 16 * 1024
+
+_CE_RESERVED: Final = frozenset(
+    {CE_SPECVERSION, CE_ID, CE_SOURCE, CE_TYPE, CE_TIME, CONTENT_TYPE, TRACEPARENT}
+    | {SLUICE_REQUEST_ID}
+)
+_DLT_SET: Final = frozenset(
+    {
+        DLT_ORIGINAL_TOPIC,
+        DLT_ORIGINAL_PARTITION,
+        DLT_ORIGINAL_OFFSET,
+        DLT_ORIGINAL_TIMESTAMP,
+        DLT_ORIGINAL_TIMESTAMP_TYPE,
+        DLT_ORIGINAL_CONSUMER_GROUP,
+        DLT_EXCEPTION_FQCN,
+        DLT_EXCEPTION_CAUSE_FQCN,
+        DLT_EXCEPTION_MESSAGE,
+        DLT_EXCEPTION_STACKTRACE,
+        SLUICE_DLT_REASON,
+    }
+)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def header_bytes(headers: HeadersIn | None, name: str) -> bytes | None:
+    """The raw value of the last header called `name` (case-insensitive), or None."""
+    wanted = name.lower()
+    for key, value in reversed(headers or ()):
+        if key.lower() == wanted:
+            return value
+    return None
+
+
+def header_value(headers: HeadersIn | None, name: str) -> str | None:
+    """The last header called `name` as text (invalid UTF-8 replaced), or None if absent."""
+    raw = header_bytes(headers, name)
+    return None if raw is None else raw.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True, slots=True)
+class EventHeaders:
+    """The CloudEvents attributes and Sluice headers of one record; any may be None."""
+
+    specversion: str | None
+    id: str | None
+    source: str | None
+    type: str | None
+    time: str | None
+    content_type: str | None
+    traceparent: str | None
+    request_id: str | None
+    degraded: bool
+    timings: str | None
+
+    @property
+    def is_cloudevent(self) -> bool:
+        return self.specversion is not None and self.type is not None
+
+    @property
+    def stage(self) -> str | None:
+        """`preprocess` for `ce_source=/sluice/preprocess`; None for foreign sources."""
+        if self.source is not None and self.source.startswith("/sluice/"):
+            return self.source.removeprefix("/sluice/") or None
+        return None
+
+
+def parse_headers(headers: HeadersIn | None) -> EventHeaders:
+    """Read CloudEvents and Sluice headers; never raises, missing ones come back as None."""
+    degraded = (header_value(headers, SLUICE_DEGRADED) or "").strip().lower()
+    return EventHeaders(
+        specversion=header_value(headers, CE_SPECVERSION),
+        id=header_value(headers, CE_ID),
+        source=header_value(headers, CE_SOURCE),
+        type=header_value(headers, CE_TYPE),
+        time=header_value(headers, CE_TIME),
+        content_type=header_value(headers, CONTENT_TYPE),
+        traceparent=header_value(headers, TRACEPARENT),
+        request_id=header_value(headers, SLUICE_REQUEST_ID),
+        degraded=degraded in {"1", "true", "yes"},
+        timings=header_value(headers, SLUICE_TIMINGS),
+    )
+
+
+# --- trace context ---------------------------------------------------------------------------
+
+_TRACEPARENT_RE: Final = re.compile(
+    r"(?P<version>[0-9a-f]{2})-(?P<trace_id>[0-9a-f]{32})-(?P<parent_id>[0-9a-f]{16})"
+    r"-(?P<flags>[0-9a-f]{2})"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    trace_id: str
+    parent_id: str
+    flags: str
+
+    @property
+    def sampled(self) -> bool:
+        return bool(int(self.flags, 16) & 0x01)
+
+    def header(self) -> str:
+        return f"00-{self.trace_id}-{self.parent_id}-{self.flags}"
+
+
+def parse_traceparent(value: str | None) -> TraceContext | None:
+    """Parse a W3C `traceparent`; None when absent or invalid.
+
+    Version 00 must be exactly `00-<32 hex>-<16 hex>-<2 hex>` (lowercase). Version `ff` and
+    all-zero trace or parent ids are invalid. A later version is read by its first four fields
+    when what follows them starts with "-", as the W3C spec asks.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    match = _TRACEPARENT_RE.match(value)
+    if match is None:
+        return None
+    version = match["version"]
+    rest = value[match.end() :]
+    if version == "ff" or (version == "00" and rest) or (rest and not rest.startswith("-")):
+        return None
+    if set(match["trace_id"]) == {"0"} or set(match["parent_id"]) == {"0"}:
+        return None
+    return TraceContext(match["trace_id"], match["parent_id"], match["flags"])
+
+
+def is_valid_traceparent(value: str | None) -> bool:
+    return parse_traceparent(value) is not None
+
+
+def _random_hex(nbytes: int) -> str:
+    while True:
+        value = secrets.token_hex(nbytes)
+        if set(value) != {"0"}:
+            return value
+
+
+def new_traceparent(*, sampled: bool = True) -> str:
+    """Start a new trace: fresh trace id and span id."""
+    return f"00-{_random_hex(16)}-{_random_hex(8)}-{'01' if sampled else '00'}"
+
+
+def child_traceparent(parent: str | None) -> str:
+    """Continue `parent`'s trace under a new span id, keeping its flags.
+
+    A missing or invalid `parent` starts a new trace instead.
+    """
+    context = parse_traceparent(parent)
+    if context is None:
+        return new_traceparent()
+    return TraceContext(context.trace_id, _random_hex(8), context.flags).header()
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def _rfc3339_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def make_headers(
+    ce_type: str,
+    source_stage: str,
+    request_id: str,
+    *,
+    traceparent: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> Headers:
+    """The headers of a record Sluice produces.
+
+    `traceparent` is the incoming record's: its trace continues under a new span id (a new
+    trace starts when it is None or invalid). `extra` adds headers such as `sluice-degraded`
+    or `sluice-timings`; it may not replace the CloudEvents, trace or request-id headers.
+    """
+    headers: Headers = [
+        (CE_SPECVERSION, SPECVERSION.encode()),
+        (CE_ID, str(uuid.uuid4()).encode()),
+        (CE_SOURCE, f"/sluice/{source_stage}".encode()),
+        (CE_TYPE, ce_type.encode()),
+        (CE_TIME, _rfc3339_now().encode()),
+        (CONTENT_TYPE, APPLICATION_JSON.encode()),
+        (TRACEPARENT, child_traceparent(traceparent).encode()),
+        (SLUICE_REQUEST_ID, request_id.encode()),
+    ]
+    for name, value in (extra or {}).items():
+        if name.lower() in _CE_RESERVED:
+            raise ValueError(f"extra header {name!r} would override a header make_headers sets")
+        headers.append((name, value.encode()))
+    return headers
+
+
+# --- dead letters ----------------------------------------------------------------------------
+
+
+def encode_int32(value: int) -> bytes:
+    """Big-endian signed 4 bytes, as Spring writes `kafka_dlt-original-partition`."""
+    return struct.pack(">i", value)
+
+
+def encode_int64(value: int) -> bytes:
+    """Big-endian signed 8 bytes, as Spring writes `kafka_dlt-original-offset/-timestamp`."""
+    return struct.pack(">q", value)
+
+
+_DECIMAL_RE: Final = re.compile(rb"\s*-?[0-9]+\s*")
+
+
+def decode_dlt_int(value: bytes) -> int:
+    """Read a dead-letter integer header written by Spring (binary) or Kafka Connect (text).
+
+    ASCII decimal (`b"42"`, optional sign and surrounding spaces) is tried first; otherwise 4
+    or 8 bytes are a big-endian signed integer. The one ambiguity, a 4- or 8-byte value whose
+    every byte is an ASCII digit, is read as decimal: as binary it would be a partition above
+    808 million or an offset/timestamp above 3.4e18, which real records never have.
+
+    Raises ValueError for anything else.
+    """
+    if _DECIMAL_RE.fullmatch(value):
+        return int(value)
+    if len(value) == 4:
+        return int(struct.unpack(">i", value)[0])
+    if len(value) == 8:
+        return int(struct.unpack(">q", value)[0])
+    raise ValueError(f"not a dead-letter integer header: {len(value)} bytes, neither 4 nor 8")
+
+
+def _fqcn(exc: BaseException) -> str:
+    cls = type(exc)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def make_dlt_headers(
+    original: HeadersIn | None,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int,
+    group: str,
+    reason: str,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> Headers:
+    """The headers of a dead letter: the original ones plus the Spring Kafka set.
+
+    Dead-letter headers already on the original (a message dead-lettered before) are replaced,
+    so a record carries one set. The exception's class and text come from `exc`; `message`
+    replaces its text in both the message and the stack-trace headers (for exceptions whose text
+    might quote a prompt). Without `exc`, the message is `message` or else `reason`. The stack
+    trace is capped at `MAX_STACKTRACE_BYTES`. Null original values become empty.
+    """
+    headers: Headers = [
+        (name, value or b"") for name, value in original or () if name.lower() not in _DLT_SET
+    ]
+    headers += [
+        (DLT_ORIGINAL_TOPIC, topic.encode()),
+        (DLT_ORIGINAL_PARTITION, encode_int32(partition)),
+        (DLT_ORIGINAL_OFFSET, encode_int64(offset)),
+        (DLT_ORIGINAL_TIMESTAMP, encode_int64(timestamp_ms)),
+        (DLT_ORIGINAL_CONSUMER_GROUP, group.encode()),
+    ]
+    text = message if message is not None else (str(exc) if exc is not None else reason)
+    if exc is not None:
+        headers.append((DLT_EXCEPTION_FQCN, _fqcn(exc).encode()))
+        if exc.__cause__ is not None:
+            headers.append((DLT_EXCEPTION_CAUSE_FQCN, _fqcn(exc.__cause__).encode()))
+        if message is None:
+            stack = "".join(traceback.format_exception(exc)).encode()
+        else:  # the override exists to keep the exception's own text out of the record
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+            stack = f"Traceback (most recent call last):\n{frames}{_fqcn(exc)}: {text}\n".encode()
+        headers.append((DLT_EXCEPTION_STACKTRACE, stack[:MAX_STACKTRACE_BYTES]))
+    headers.append((DLT_EXCEPTION_MESSAGE, text.encode()))
+    headers.append((SLUICE_DLT_REASON, reason.encode()))
+    return headers
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterInfo:
+    """Where a dead letter came from and why, from either header set; any field may be None."""
+
+    convention: Literal["spring", "connect"]
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    timestamp_ms: int | None
+    group: str | None
+    exception_class: str | None
+    exception_message: str | None
+    stacktrace: str | None
+    reason: str | None
+
+
+def _int_header(headers: HeadersIn, name: str) -> int | None:
+    raw = header_bytes(headers, name)
+    if raw is None:
+        return None
+    try:
+        return decode_dlt_int(raw)
+    except ValueError:
+        return None
+
+
+def parse_dlt_headers(headers: HeadersIn | None) -> DeadLetterInfo | None:
+    """Read the Spring Kafka (`kafka_dlt-*`) or else Kafka Connect (`__connect.errors.*`) set.
+
+    None when the record carries neither. Unreadable integers come back as None.
+    """
+    headers = headers or ()
+    reason = header_value(headers, SLUICE_DLT_REASON)
+    if header_bytes(headers, DLT_ORIGINAL_TOPIC) is not None:
+        return DeadLetterInfo(
+            convention="spring",
+            topic=header_value(headers, DLT_ORIGINAL_TOPIC),
+            partition=_int_header(headers, DLT_ORIGINAL_PARTITION),
+            offset=_int_header(headers, DLT_ORIGINAL_OFFSET),
+            timestamp_ms=_int_header(headers, DLT_ORIGINAL_TIMESTAMP),
+            group=header_value(headers, DLT_ORIGINAL_CONSUMER_GROUP),
+            exception_class=header_value(headers, DLT_EXCEPTION_FQCN),
+            exception_message=header_value(headers, DLT_EXCEPTION_MESSAGE),
+            stacktrace=header_value(headers, DLT_EXCEPTION_STACKTRACE),
+            reason=reason,
+        )
+    if header_bytes(headers, CONNECT_ERRORS_TOPIC) is not None:
+        return DeadLetterInfo(
+            convention="connect",
+            topic=header_value(headers, CONNECT_ERRORS_TOPIC),
+            partition=_int_header(headers, CONNECT_ERRORS_PARTITION),
+            offset=_int_header(headers, CONNECT_ERRORS_OFFSET),
+            timestamp_ms=None,
+            group=None,
+            exception_class=header_value(headers, CONNECT_ERRORS_EXCEPTION_CLASS_NAME),
+            exception_message=header_value(headers, CONNECT_ERRORS_EXCEPTION_MESSAGE),
+            stacktrace=header_value(headers, CONNECT_ERRORS_EXCEPTION_STACKTRACE),
+            reason=reason,
+        )
+    return None

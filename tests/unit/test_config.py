@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from pipeline.config import Settings, Topics
+
+
+def test_every_topic_has_its_dead_letter_twin() -> None:
+    topics = Topics("acme.")
+    assert topics.all_topics() == [
+        "acme.prompts", "acme.prompts.DLT", "acme.tokenized", "acme.tokenized.DLT",
+        "acme.generated", "acme.generated.DLT", "acme.answers", "acme.answers.DLT",
+    ]  # fmt: skip
+
+
+def test_settings_come_from_sluice_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_BOOTSTRAP_SERVERS", "k1:9093,k2:9093")
+    monkeypatch.setenv("SLUICE_PARTITIONS", "12")
+    monkeypatch.setenv("SLUICE_S3_SECRET_ACCESS_KEY", "hunter2")
+    s = Settings()
+    assert s.bootstrap_servers == "k1:9093,k2:9093"
+    assert s.partitions == 12
+    assert isinstance(s.s3_secret_access_key, SecretStr)
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s.model_dump())
+
+
+def test_sasl_scram_settings_reach_the_kafka_clients() -> None:
+    s = Settings(
+        security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="svc", sasl_password=SecretStr("pw"),
+    )  # fmt: skip
+    kwargs = s.kafka_common()
+    assert kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert kwargs["sasl_plain_username"] == "svc" and kwargs["sasl_plain_password"] == "pw"
+    assert kwargs["ssl_context"] is not None
+
+
+def test_sasl_without_credentials_is_refused() -> None:
+    with pytest.raises(ValidationError, match="sasl_mechanism"):
+        Settings(security_protocol="SASL_SSL")
+    with pytest.raises(ValidationError, match="sasl_username"):
+        Settings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN")
+
+
+def test_bad_values_name_the_field() -> None:
+    with pytest.raises(ValidationError, match="partitions"):
+        Settings(partitions=0)
