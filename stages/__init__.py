@@ -1,0 +1,1 @@
+"""One module per Sluice service: a pure handler plus its wiring."""

@@ -1,0 +1,1 @@
+"""Generation engines behind the compute stage."""
