@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.minio:
                 print(ensure_minio())
         elif args.command == "up":
-            st = local.up(minio=args.minio, kafka_port=args.kafka_port,
-                          minio_port=args.minio_port)  # fmt: skip
+            st = local.up(minio=args.minio, kafka_port=args.kafka_port, minio_port=args.minio_port)
             for handle in (st.kafka, st.minio):
                 if handle is not None:
                     print(f"{handle.name} {handle.address}")

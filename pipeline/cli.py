@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,11 +16,15 @@ from infra.process import InfraError
 from pipeline import admin
 from pipeline.config import Settings, load_settings
 
-app = typer.Typer(help="Sluice: LLM serving as an event-driven pipeline over Kafka.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)  # fmt: skip
+app = typer.Typer(
+    help="Sluice: LLM serving as an event-driven pipeline over Kafka.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 topics_app = typer.Typer(help="Create and inspect Sluice topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 console = Console()
+T = TypeVar("T")
 err = Console(stderr=True)
 
 
@@ -81,6 +86,35 @@ def demo() -> None:
         topics_list_for(settings)
     finally:
         local.down()
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when it is installed, asyncio's loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+@app.command()
+def run(
+    stage: Annotated[str, typer.Argument(help="preprocess | compute | postprocess")],
+) -> None:
+    """Run one stage until SIGTERM/SIGINT (graceful: finish in-flight work, commit, leave)."""
+    from pipeline.errors import SluiceError
+    from pipeline.runner import run_stage
+    from stages.registry import STAGES, build_handler
+
+    if stage not in STAGES:
+        raise _fail(f"unknown stage {stage!r}; one of: {', '.join(STAGES)}")
+    settings = _settings()
+    try:
+        handler = build_handler(stage, settings)
+        run_async(run_stage(settings, handler))
+    except SluiceError as exc:
+        raise _fail(str(exc), 3) from exc
 
 
 @topics_app.command("create")

@@ -109,6 +109,7 @@ class Settings(BaseSettings):
     # Echo engine (before the real engine: a deterministic stand-in with a delay)
     engine: Literal["echo", "onnx"] = "echo"
     echo_delay_ms: float = Field(default=0.0, ge=0)
+    echo_fault_file: Path | None = None  # while this file exists, every generation fails
 
     @model_validator(mode="after")
     def _check_security(self) -> Settings:
@@ -124,6 +125,10 @@ class Settings(BaseSettings):
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+    def group_id(self, stage: str) -> str:
+        """A stage's consumer group: ``sluice-preprocess`` under the default prefix."""
+        return f"{self.topic_prefix.rstrip('.')}-{stage}"
 
     def kafka_common(self) -> dict[str, Any]:
         """Connection keyword arguments shared by aiokafka producers, consumers and admins."""

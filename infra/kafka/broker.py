@@ -74,10 +74,15 @@ def ensure_kafka(version: str = DEFAULT_KAFKA_VERSION) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     log.info("fetching Apache Kafka %s from Maven Central into %s", version, home)
     cmd = [
-        mvn, "-q", "-B", "-f", str(HERE / "pom.xml"),
-        f"-Dkafka.version={version}", f"-Dkafka.dir={home}",
+        mvn,
+        "-q",
+        "-B",
+        "-f",
+        str(HERE / "pom.xml"),
+        f"-Dkafka.version={version}",
+        f"-Dkafka.dir={home}",
         "dependency:copy-dependencies",
-    ]  # fmt: skip
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise InfraError(
@@ -93,11 +98,18 @@ def ensure_kafka(version: str = DEFAULT_KAFKA_VERSION) -> Path:
 def _java_cmd(home: Path, heap: str, main: str, *args: str) -> list[str]:
     java = require_tool("java", JAVA_HINT)
     return [
-        java, f"-Xms{min_heap(heap)}", f"-Xmx{heap}", "-XX:+UseG1GC",
-        "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+        java,
+        f"-Xms{min_heap(heap)}",
+        f"-Xmx{heap}",
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={HERE / 'log4j2.properties'}",
-        "-cp", f"{home}/*", main, *args,
-    ]  # fmt: skip
+        "-cp",
+        f"{home}/*",
+        main,
+        *args,
+    ]
 
 
 def min_heap(heap: str) -> str:
@@ -205,18 +217,34 @@ def start_broker(cfg: BrokerConfig | None = None) -> ServiceHandle:
     log_path = data_dir / "broker.log"
     if not (data_dir / "log" / "meta.properties").exists():
         fmt = subprocess.run(
-            _java_cmd(home, "256m", "kafka.tools.StorageTool", "format", "--standalone",
-                      "-t", _cluster_id(), "-c", str(props_path)),
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            _java_cmd(
+                home,
+                "256m",
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                "-t",
+                _cluster_id(),
+                "-c",
+                str(props_path),
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if fmt.returncode != 0:
             raise InfraError(f"formatting Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
     env = dict(os.environ)
     pid = spawn(_java_cmd(home, cfg.heap, "kafka.Kafka", str(props_path)), log_path, env)
     handle = ServiceHandle(
-        name="kafka", pid=pid, host="127.0.0.1", port=port, log_path=str(log_path),
-        data_dir=str(data_dir), extra_port=cport,
-    )  # fmt: skip
+        name="kafka",
+        pid=pid,
+        host="127.0.0.1",
+        port=port,
+        log_path=str(log_path),
+        data_dir=str(data_dir),
+        extra_port=cport,
+    )
     waited = wait_for_metadata(handle, cfg.start_timeout)
     log.info("Kafka %s ready on %s in %.1fs (pid %d)", cfg.version, handle.address, waited, pid)
     return handle

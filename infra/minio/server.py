@@ -69,8 +69,11 @@ def ensure_minio(version: str = MINIO_VERSION) -> Path:
     env = dict(os.environ, GOBIN=str(binary.parent), CGO_ENABLED="0")
     result = subprocess.run(
         [go, "install", f"{MINIO_MODULE}@{version}"],
-        capture_output=True, text=True, env=env, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if result.returncode != 0 or not binary.exists():
         raise InfraError(
             f"go install {MINIO_MODULE}@{version} failed (exit {result.returncode}):\n"
@@ -105,13 +108,26 @@ def start_minio(cfg: MinioConfig | None = None) -> ServiceHandle:
         MINIO_BROWSER="off",
         MINIO_UPDATE="off",
     )
-    cmd = [str(binary), "server", str(data_dir / "data"), "--quiet",
-           "--address", f"127.0.0.1:{port}", "--console-address", f"127.0.0.1:{cport}"]  # fmt: skip
+    cmd = [
+        str(binary),
+        "server",
+        str(data_dir / "data"),
+        "--quiet",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--console-address",
+        f"127.0.0.1:{cport}",
+    ]
     pid = spawn(cmd, log_path, env)
     handle = ServiceHandle(
-        name="minio", pid=pid, host="127.0.0.1", port=port, log_path=str(log_path),
-        data_dir=str(data_dir), extra_port=cport,
-    )  # fmt: skip
+        name="minio",
+        pid=pid,
+        host="127.0.0.1",
+        port=port,
+        log_path=str(log_path),
+        data_dir=str(data_dir),
+        extra_port=cport,
+    )
     url = f"http://127.0.0.1:{port}/minio/health/live"
     start = time.monotonic()
     while time.monotonic() - start < cfg.start_timeout:

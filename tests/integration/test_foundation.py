@@ -35,9 +35,12 @@ async def test_produce_and_consume_on_the_real_broker(
         await producer.stop()
 
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=f"g-{uuid.uuid4().hex}",
-        auto_offset_reset="earliest", enable_auto_commit=False,
-    )  # fmt: skip
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"g-{uuid.uuid4().hex}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     got: dict[str, Any] = {}
     partitions_by_key: dict[str, int] = {}
@@ -109,8 +112,9 @@ def test_cli_up_topics_down_leaves_no_process_behind(tmp_path: Path) -> None:
     sluice = [sys.executable, "-m", "pipeline.cli"]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*sluice, *args], env=env, capture_output=True, text=True,
-                              timeout=180, check=False)  # fmt: skip
+        return subprocess.run(
+            [*sluice, *args], env=env, capture_output=True, text=True, timeout=180, check=False
+        )
 
     started = run("up")
     assert started.returncode == 0, started.stderr

@@ -9,9 +9,15 @@ from pipeline.config import Settings, Topics
 def test_every_topic_has_its_dead_letter_twin() -> None:
     topics = Topics("acme.")
     assert topics.all_topics() == [
-        "acme.prompts", "acme.prompts.DLT", "acme.tokenized", "acme.tokenized.DLT",
-        "acme.generated", "acme.generated.DLT", "acme.answers", "acme.answers.DLT",
-    ]  # fmt: skip
+        "acme.prompts",
+        "acme.prompts.DLT",
+        "acme.tokenized",
+        "acme.tokenized.DLT",
+        "acme.generated",
+        "acme.generated.DLT",
+        "acme.answers",
+        "acme.answers.DLT",
+    ]
 
 
 def test_settings_come_from_sluice_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -27,9 +33,11 @@ def test_settings_come_from_sluice_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_sasl_scram_settings_reach_the_kafka_clients() -> None:
     s = Settings(
-        security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
-        sasl_username="svc", sasl_password=SecretStr("pw"),
-    )  # fmt: skip
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="svc",
+        sasl_password=SecretStr("pw"),
+    )
     kwargs = s.kafka_common()
     assert kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
     assert kwargs["sasl_plain_username"] == "svc" and kwargs["sasl_plain_password"] == "pw"

@@ -1,0 +1,117 @@
+"""What flows through the stage loop: records in, outputs out, one result per record."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import orjson
+
+from schemas.headers import SLUICE_REQUEST_ID, Headers, header_value
+
+if TYPE_CHECKING:
+    from pipeline.errors import SluiceError
+
+_REQUEST_NS = uuid.UUID("6f1b8c1e-5a0e-4d43-9a55-3b1c7d2e9f10")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed Kafka record, detached from aiokafka."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+
+    @property
+    def where(self) -> str:
+        """``topic[partition]@offset``, as every log line about a record names it."""
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+    def request_id(self) -> str:
+        """The request id: header, else the JSON body's ``id``, else derived from the position.
+
+        The derived id is a uuid5 of topic/partition/offset, so a redelivery after a crash gets
+        the same id (and the answer can be de-duplicated by it).
+        """
+        rid = header_value(self.headers, SLUICE_REQUEST_ID)
+        if rid:
+            return rid
+        if self.value:
+            try:
+                body = orjson.loads(self.value)
+            except orjson.JSONDecodeError:
+                body = None
+            if isinstance(body, dict) and isinstance(body.get("id"), str) and body["id"]:
+                return str(body["id"])
+        return derived_request_id(self.topic, self.partition, self.offset)
+
+
+def derived_request_id(topic: str, partition: int, offset: int) -> str:
+    return str(uuid.uuid5(_REQUEST_NS, f"{topic}/{partition}/{offset}"))
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers
+
+
+@dataclass(slots=True)
+class Result:
+    """What a handler made of one record: outputs, or an error (never both)."""
+
+    record: Record
+    outputs: list[Output] = field(default_factory=list)
+    error: SluiceError | None = None
+    fingerprint: str | None = None  # the request's identity for the response cache
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Records handed to a handler together, in consumption order."""
+
+    records: tuple[Record, ...]
+
+    @classmethod
+    def of(cls, records: Sequence[Record]) -> Batch:
+        return cls(tuple(records))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(len(r.value or b"") for r in self.records)
+
+    def filter(self, keep: Callable[[Record], bool]) -> Batch:
+        return Batch(tuple(r for r in self.records if keep(r)))
+
+    def split(self, max_records: int) -> list[Batch]:
+        """Consecutive chunks of at most ``max_records``."""
+        n = max(1, max_records)
+        return [Batch(self.records[i : i + n]) for i in range(0, len(self.records), n)]
+
+    def by_partition(self) -> list[Batch]:
+        """One batch per (topic, partition), each in offset order."""
+        groups: dict[tuple[str, int], list[Record]] = {}
+        for record in self.records:
+            groups.setdefault((record.topic, record.partition), []).append(record)
+        return [Batch(tuple(rs)) for rs in groups.values()]

@@ -1,0 +1,183 @@
+"""Helpers for integration tests: run stages as processes, produce prompts, collect answers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from pipeline.admin import describe_topics
+from pipeline.config import Settings
+from schemas.headers import header_value
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class StageProcess:
+    """One ``sluice run <stage>`` subprocess, logging to a file."""
+
+    stage: str
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StageProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "run", self.stage],
+                env=self.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def sigterm(self, timeout: float = 30.0) -> tuple[int, float]:
+        """SIGTERM; returns (exit code, seconds until it exited)."""
+        assert self.proc is not None
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        return code, time.monotonic() - t0
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+def stage_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a stage process configured exactly like ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    for name in settings.model_fields_set:
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"SLUICE_{name.upper()}"] = str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Sent:
+    request_id: str
+    partition: int
+    offset: int
+    body: dict[str, Any] | None
+
+
+Item = tuple[bytes | None, bytes, Sequence[tuple[str, bytes]]]
+
+
+async def produce(settings: Settings, topic: str, items: Sequence[Item]) -> list[tuple[int, int]]:
+    """Produce (key, value, headers) items; returns (partition, offset) of each."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=5
+    )
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, v, key=k, headers=list(h)) for k, v, h in items]
+        metas = await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return [(m.partition, m.offset) for m in metas]
+
+
+@dataclass
+class Collected:
+    records: list[Any] = field(default_factory=list)
+
+    def by_request(self) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        for rec in self.records:
+            rid = header_value(list(rec.headers), "sluice-request-id") or "?"
+            out.setdefault(rid, []).append(rec)
+        return out
+
+
+async def collect(
+    settings: Settings,
+    topic: str,
+    *,
+    until: int,
+    within: float,
+    unique: bool = True,
+    extra_wait: float = 0.0,
+) -> Collected:
+    """Read ``topic`` from the start until ``until`` records (distinct request ids if
+    ``unique``) arrived or ``timeout`` passed; then read ``extra_wait`` more seconds."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    got = Collected()
+    seen: set[str] = set()
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for rec in records:
+                    got.records.append(rec)
+                    seen.add(
+                        header_value(list(rec.headers), "sluice-request-id") or uuid.uuid4().hex
+                    )
+            if (len(seen) if unique else len(got.records)) >= until:
+                break
+        end = time.monotonic() + extra_wait
+        while time.monotonic() < end:
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                got.records.extend(records)
+    finally:
+        await consumer.stop()
+    return got
+
+
+async def group_lag(settings: Settings, group: str, topic: str) -> dict[int, tuple[int, int]]:
+    """partition -> (committed, end offset) for ``group`` on ``topic``."""
+    (info,) = await describe_topics(settings, [topic])
+    assert info.partitions > 0, f"{topic} has no partitions"
+    client = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await client.start()
+    try:
+        committed = await client.list_consumer_group_offsets(group)
+    finally:
+        await client.close()
+    return {
+        p: (committed[tp].offset if (tp := TopicPartition(topic, p)) in committed else 0, end)
+        for p, end in info.end_offsets.items()
+    }
+
+
+def prompt(text: str, **fields: Any) -> bytes:
+    return orjson.dumps({"messages": [{"role": "user", "content": text}], **fields})
