@@ -73,19 +73,15 @@ def down() -> None:
 
 @app.command()
 def demo() -> None:
-    """Bring up a local broker, create the topics, show them, and stop everything."""
+    """The whole pipeline on one machine: broker, topics, three stages, sample prompts."""
+    from pipeline.demo import run_demo
+
     try:
-        with console.status("starting a local Kafka broker"):
-            st = local.up()
+        bad = run_demo(console, _settings())
     except InfraError as exc:
         raise _fail(str(exc)) from exc
-    assert st.kafka is not None
-    try:
-        settings = load_settings(bootstrap_servers=st.kafka.address)
-        asyncio.run(admin.create_topics(settings))
-        topics_list_for(settings)
-    finally:
-        local.down()
+    if bad:
+        raise _fail(f"{bad} answers were wrong or missing", 1)
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

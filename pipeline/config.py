@@ -101,7 +101,13 @@ class Settings(BaseSettings):
     response_cache_size: int = Field(default=1024, ge=0)
     shutdown_deadline_s: float = Field(default=20.0, gt=0)
     stall_after_s: float = Field(default=60.0, gt=0)
+    # Exactly-once (Kafka transactions, read_committed) for preprocess/postprocess. aiokafka
+    # sends no KIP-447 group metadata, so a rebalance inside a transaction is not fenced: run
+    # each process with its own stable instance_id (the transactional id is group + instance),
+    # so a restarted process fences its predecessor and aborts its open transaction.
     exactly_once: bool = False
+    instance_id: str = "0"
+    transaction_timeout_ms: int = Field(default=15_000, ge=1000)
     max_prompt_bytes: int = Field(default=256 * 1024, ge=1024)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=0, ge=0, le=65535)

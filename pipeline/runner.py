@@ -116,7 +116,9 @@ class StageRunner:
             "max_batch_size": 1 << 20,
         }
         if self.settings.exactly_once:
-            producer_kwargs["transactional_id"] = f"{self.group_id}-{id(self):x}"
+            # Stable per process slot: a restart fences the previous incarnation (see config).
+            producer_kwargs["transactional_id"] = f"{self.group_id}-{self.settings.instance_id}"
+            producer_kwargs["transaction_timeout_ms"] = self.settings.transaction_timeout_ms
         self._producer = AIOKafkaProducer(**common, **producer_kwargs)
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(

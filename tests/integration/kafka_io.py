@@ -128,6 +128,7 @@ async def collect(
     within: float,
     unique: bool = True,
     extra_wait: float = 0.0,
+    isolation: str = "read_uncommitted",
 ) -> Collected:
     """Read ``topic`` from the start until ``until`` records (distinct request ids if
     ``unique``) arrived or ``timeout`` passed; then read ``extra_wait`` more seconds."""
@@ -137,6 +138,7 @@ async def collect(
         group_id=None,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        isolation_level=isolation,
     )
     await consumer.start()
     got = Collected()

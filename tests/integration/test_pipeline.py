@@ -223,3 +223,49 @@ async def test_sigterm_exits_within_its_deadline_having_committed_what_it_finish
         f"committed {committed} offsets but produced {len(generated.records)} outputs"
     )
     assert "left the group" in compute.log() or "stopped" in compute.log()
+
+
+async def test_exactly_once_preprocess_survives_sigkill_without_duplicates(
+    pipeline_settings: Settings, stages: Callable[..., StageProcess]
+) -> None:
+    settings = pipeline_settings
+    eos = {
+        "SLUICE_EXACTLY_ONCE": "true",
+        "SLUICE_INSTANCE_ID": "a",
+        "SLUICE_BATCH_MAX_RECORDS": "20",
+    }
+    pre = stages("preprocess", settings, **eos)
+    n, bad = 3000, 30
+    items: list[Item] = []
+    for i in range(n):
+        body = b"{broken" if i % (n // bad) == 0 else prompt(f"eos {i}", id=f"e-{i}")
+        items.append((f"c{i % 11}".encode(), body, []))
+    await produce(settings, settings.topics.prompts, items)
+    first = await collect(
+        settings, settings.topics.tokenized, until=300, within=60, isolation="read_committed"
+    )
+    assert 300 <= len(first.records) < n - bad, pre.log()
+    pre.kill()  # an open transaction dies with it; the restart (same instance) aborts it
+    stages("preprocess", settings, **eos)
+    tokenized = await collect(
+        settings,
+        settings.topics.tokenized,
+        until=n - bad,
+        within=120,
+        isolation="read_committed",
+        extra_wait=2.0,
+    )
+    by_id = tokenized.by_request()
+    assert len(by_id) == n - bad
+    duplicates = sum(len(v) - 1 for v in by_id.values())
+    assert duplicates == 0, f"{duplicates} duplicates visible to read_committed consumers"
+    dead = await collect(
+        settings,
+        f"{settings.topics.prompts}.DLT",
+        until=bad,
+        within=10,
+        unique=False,
+        isolation="read_committed",
+        extra_wait=1.0,
+    )
+    assert len(dead.records) == bad
