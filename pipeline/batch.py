@@ -35,14 +35,13 @@ class Record:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
     def request_id(self) -> str:
-        """The request id: header, else the JSON body's ``id``, else derived from the position.
+        """The request id: the JSON body's ``id``, else the ``sluice-request-id`` header, else
+        one derived from the record's position.
 
-        The derived id is a uuid5 of topic/partition/offset, so a redelivery after a crash gets
+        The body wins because it is what the producer wrote (preprocess answers under it too);
+        the derived id is a uuid5 of topic/partition/offset, so a redelivery after a crash gets
         the same id (and the answer can be de-duplicated by it).
         """
-        rid = header_value(self.headers, SLUICE_REQUEST_ID)
-        if rid:
-            return rid
         if self.value:
             try:
                 body = orjson.loads(self.value)
@@ -50,6 +49,9 @@ class Record:
                 body = None
             if isinstance(body, dict) and isinstance(body.get("id"), str) and body["id"]:
                 return str(body["id"])
+        rid = header_value(self.headers, SLUICE_REQUEST_ID)
+        if rid:
+            return rid
         return derived_request_id(self.topic, self.partition, self.offset)
 
 

@@ -142,22 +142,26 @@ class ResponseCache:
         self.dirty = False
 
     def load(self) -> None:
+        """Read the persisted cache; an unreadable or foreign file means starting empty."""
         if self.path is None or not self.path.exists():
             return
         try:
             data = orjson.loads(self.path.read_bytes())
-        except orjson.JSONDecodeError:
-            log.warning("response cache %s is unreadable; starting empty", self.path)
+            items = {
+                fp: [
+                    Output(
+                        topic=o["topic"],
+                        key=base64.b64decode(o["key"]) if o["key"] is not None else None,
+                        value=base64.b64decode(o["value"]),
+                        headers=[(k, base64.b64decode(v)) for k, v in o["headers"]],
+                    )
+                    for o in outputs
+                ]
+                for fp, outputs in data.items()
+            }
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("response cache %s is unreadable (%s); starting empty", self.path, exc)
             return
-        for fp, outputs in data.items():
-            self._items[fp] = [
-                Output(
-                    topic=o["topic"],
-                    key=base64.b64decode(o["key"]) if o["key"] is not None else None,
-                    value=base64.b64decode(o["value"]),
-                    headers=[(k, base64.b64decode(v)) for k, v in o["headers"]],
-                )
-                for o in outputs
-            ]
+        self._items = OrderedDict(items)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)

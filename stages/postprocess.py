@@ -52,7 +52,7 @@ class Postprocess:
             id=f"chatcmpl-{msg.id}",
             model=msg.model,
             content=content,
-            finish_reason="length" if finish == "length" else "stop",
+            finish_reason=finish,
             usage=msg.usage,
             created=msg.created,
         )

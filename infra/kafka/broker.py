@@ -126,7 +126,12 @@ def run_kafka_tool(
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A KRaft cluster id (base64url of a uuid); never one starting with '-', which the
+    storage tool's argument parser would read as an option."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
 
 
 def _properties(cfg: BrokerConfig, data_dir: Path, port: int, cport: int) -> str:
