@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / "models" / "demo" / "cpu-fp32"
+DEFAULT_MODEL = REPO_ROOT / "models" / "demo" / "cpu-int8"
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -112,8 +112,12 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=0, ge=0, le=65535)
 
-    # Echo engine (before the real engine: a deterministic stand-in with a delay)
-    engine: Literal["echo", "onnx"] = "echo"
+    # Compute engine: "onnx" (ONNX Runtime GenAI) or "echo" (a deterministic stand-in)
+    engine: Literal["echo", "onnx"] = "onnx"
+    engine_max_batch: int = Field(default=0, ge=0)  # 0: the engine's own capacity
+    engine_threads: int = Field(default=0, ge=0)  # 0: onnxruntime's default
+    engine_stall_s: float = Field(default=30.0, gt=0)
+    engine_mode: Literal["auto", "engine", "generator"] = "auto"
     echo_delay_ms: float = Field(default=0.0, ge=0)
     echo_fault_file: Path | None = None  # while this file exists, every generation fails
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +23,7 @@ from rich.table import Table
 from infra.kafka.broker import BrokerConfig, start_broker, stop_broker
 from pipeline import admin
 from pipeline.config import REPO_ROOT, Settings
+from pipeline.procs import StageProcess, stage_env
 from schemas.headers import SLUICE_REQUEST_ID, header_value, make_headers
 from schemas.messages import ChatCompletion, decode_answer
 
@@ -50,16 +48,6 @@ def _checker() -> Callable[[str, str], bool]:
     spec.loader.exec_module(module)
     check: Callable[[str, str], bool] = module.check
     return check
-
-
-def _env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    for name in settings.model_fields_set:
-        value = getattr(settings, name)
-        if value is not None:
-            env[f"SLUICE_{name.upper()}"] = str(value)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 async def _publish(
@@ -113,7 +101,7 @@ def run_demo(console: Console, base: Settings) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="sluice-demo-"))
     with console.status("starting a local Kafka broker (KRaft)"):
         broker = start_broker(BrokerConfig(data_dir=workdir / "kafka"))
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[StageProcess] = []
     try:
         settings = base.model_copy(
             update={"bootstrap_servers": broker.address, "state_dir": workdir / "state"}
@@ -125,15 +113,8 @@ def run_demo(console: Console, base: Settings) -> int:
         )
         asyncio.run(admin.create_topics(settings))
         for stage in STAGES:
-            log = (workdir / f"{stage}.log").open("ab")
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "pipeline.cli", "run", stage],
-                    env=_env(settings),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+            log = workdir / f"{stage}.log"
+            procs.append(StageProcess(stage, stage_env(settings), log).start())
         console.print(f"stages  {', '.join(STAGES)} (logs in {workdir})")
         with console.status("warming up: one request through every stage"):
             warm = asyncio.run(_publish(settings, ["Reverse: abc"], prefix="warmup"))
@@ -144,12 +125,7 @@ def run_demo(console: Console, base: Settings) -> int:
         return _report(console, settings, sent, got)
     finally:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            proc.stop()
         stop_broker(broker)
         console.print("stopped the stages and the broker")
 

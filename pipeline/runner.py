@@ -58,6 +58,8 @@ class StageRunner:
         self.stage = handler.spec.name
         self.group_id = group_id or settings.group_id(self.stage)
         self.metrics = StageMetrics(self.stage)
+        for collector in getattr(handler, "collectors", list)():
+            self.metrics.registry.register(collector)
         self.breaker = CircuitBreaker(
             settings.breaker_failure_threshold,
             settings.breaker_cooldown_s,

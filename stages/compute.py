@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from pipeline.batch import Batch, Output, Record, Result
 from pipeline.config import Settings
@@ -95,6 +96,11 @@ class Compute:
             conversation_id=msg.conversation_id,
             key=msg.conversation_id.encode(),
         )
+
+    def collectors(self) -> list[Any]:
+        """The engine's own metrics (running, waiting, tokens, TTFT, queue time)."""
+        collectors: list[Any] = getattr(self.engine, "collectors", list)()
+        return collectors
 
     async def warmup(self) -> None:
         await self.engine.start()

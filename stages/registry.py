@@ -21,10 +21,22 @@ def build_handler(name: str, settings: Settings) -> Handler:
         return Postprocess(settings, text)
     if name == "compute":
         from stages.compute import Compute
-        from stages.engines.echo import EchoEngine
+        from stages.engines.base import Engine
 
-        if settings.engine != "echo":
-            raise ValueError(f"engine {settings.engine!r} is not available yet; use echo")
-        engine = EchoEngine(text, settings.echo_delay_ms / 1000, settings.echo_fault_file)
+        engine: Engine
+        if settings.engine == "echo":
+            from stages.engines.echo import EchoEngine
+
+            engine = EchoEngine(text, settings.echo_delay_ms / 1000, settings.echo_fault_file)
+        else:
+            from stages.engines.onnx import OnnxEngine
+
+            engine = OnnxEngine(
+                settings.model_path,
+                max_batch=settings.engine_max_batch,
+                threads=settings.engine_threads,
+                stall_s=settings.engine_stall_s,
+                mode=settings.engine_mode,
+            )
         return Compute(settings, engine)
     raise ValueError(f"unknown stage {name!r}; one of {', '.join(STAGES)}")

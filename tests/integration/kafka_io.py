@@ -1,17 +1,12 @@
-"""Helpers for integration tests: run stages as processes, produce prompts, collect answers."""
+"""Helpers for integration tests: produce prompts, collect answers, read group lag."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,75 +16,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pipeline.admin import describe_topics
 from pipeline.config import Settings
 from schemas.headers import header_value
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class StageProcess:
-    """One ``sluice run <stage>`` subprocess, logging to a file."""
-
-    stage: str
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> StageProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "run", self.stage],
-                env=self.env,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return self
-
-    def sigterm(self, timeout: float = 30.0) -> tuple[int, float]:
-        """SIGTERM; returns (exit code, seconds until it exited)."""
-        assert self.proc is not None
-        t0 = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout)
-        return code, time.monotonic() - t0
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-
-def stage_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment of a stage process configured exactly like ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    for name in settings.model_fields_set:
-        value = getattr(settings, name)
-        if value is not None:
-            env[f"SLUICE_{name.upper()}"] = str(value)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Sent:
-    request_id: str
-    partition: int
-    offset: int
-    body: dict[str, Any] | None
-
 
 Item = tuple[bytes | None, bytes, Sequence[tuple[str, bytes]]]
 

@@ -53,6 +53,7 @@ async def test_breaker_opens_after_five_faults_serves_cache_and_closes_after_the
 ) -> None:
     settings = settings_factory(
         model_path=MODEL,
+        engine="echo",
         breaker_failure_threshold=5,
         breaker_cooldown_s=2.0,
         handler_retries=0,

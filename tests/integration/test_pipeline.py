@@ -14,17 +14,10 @@ import pytest
 from pipeline import admin
 from pipeline.batch import derived_request_id
 from pipeline.config import REPO_ROOT, Settings
+from pipeline.procs import StageProcess, stage_env
 from schemas.headers import header_value, parse_dlt_headers
 from schemas.messages import ChatCompletion, ErrorAnswer, decode_answer
-from tests.integration.kafka_io import (
-    Item,
-    StageProcess,
-    collect,
-    group_lag,
-    produce,
-    prompt,
-    stage_env,
-)
+from tests.integration.kafka_io import Item, collect, group_lag, produce, prompt
 
 MODEL = REPO_ROOT / "models" / "demo" / "tokenizer"
 STAGES = ("preprocess", "compute", "postprocess")
@@ -32,7 +25,9 @@ STAGES = ("preprocess", "compute", "postprocess")
 
 @pytest.fixture
 async def pipeline_settings(settings_factory: Callable[..., Settings]) -> Settings:
-    settings = settings_factory(model_path=MODEL, partitions=3, max_prompt_bytes=4096)
+    settings = settings_factory(
+        model_path=MODEL, engine="echo", partitions=3, max_prompt_bytes=4096
+    )
     await admin.create_topics(settings)
     return settings
 

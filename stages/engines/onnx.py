@@ -1,0 +1,414 @@
+"""ONNX Runtime GenAI behind the compute stage, on a dedicated thread bridged to asyncio.
+
+``og.Engine`` (continuous batching) is driven by one thread: it admits queued requests up to the
+engine's batch capacity (more would stall it: DESIGN.md "Compute"), runs one scheduling step at
+a time, and hands every step's events back to the event loop in a single callback (one
+cross-thread hop per step, not per token). Requests join and leave the running batch as they
+arrive and finish. Where ``og.Engine`` is missing, ``og.Generator`` runs one request at a time.
+
+A watchdog on the event loop treats "requests in flight but no token for ``stall_s``" as a
+stall (an out-of-memory inside a step loops without raising): every waiting request fails as a
+stage fault, the engine is marked broken (health goes red, the breaker opens), and the process
+is meant to be restarted by its supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
+
+from pipeline.errors import InvalidInput, StageFault, TransientError
+from stages.engines.base import Generation, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+_STOP, _CANCEL = object(), object()
+
+
+@dataclass(eq=False)
+class _Job:
+    request: GenerationRequest
+    future: asyncio.Future[Generation]
+    submitted: float = field(default_factory=time.monotonic)
+    started: float = 0.0
+    first_token: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    og_request: Any = None
+    turn_id: int = 0
+
+
+class OnnxEngine:
+    """Continuous batching with ``og.Engine`` (or ``og.Generator``) for one model folder."""
+
+    name = "onnx"
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        max_batch: int = 0,
+        threads: int = 0,
+        stall_s: float = 30.0,
+        mode: Literal["auto", "engine", "generator"] = "auto",
+    ) -> None:
+        self.model_path = model_path
+        self.requested_batch = max_batch
+        self.threads = threads
+        self.stall_s = stall_s
+        self.mode = mode
+        self.max_batch = 1
+        self.broken: str | None = None
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._jobs: set[_Job] = set()
+        self._active = 0
+        self._last_progress = time.monotonic()
+        self.max_active_seen = 0
+        self.metrics_running = Gauge(
+            "sluice_engine_running_requests", "Requests in the engine's batch.", registry=None
+        )
+        self.metrics_waiting = Gauge(
+            "sluice_engine_waiting_requests",
+            "Requests admitted by the stage, waiting for a slot.",
+            registry=None,
+        )
+        self.metrics_tokens = Counter(
+            "sluice_engine_generated_tokens_total", "Tokens generated.", registry=None
+        )
+        self.metrics_ttft = Histogram(
+            "sluice_engine_ttft_seconds",
+            "Submission to first token.",
+            registry=None,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.metrics_queue = Histogram(
+            "sluice_engine_queue_seconds",
+            "Submission to admission into the batch.",
+            registry=None,
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30),
+        )
+
+    def collectors(self) -> list[Any]:
+        return [
+            self.metrics_running,
+            self.metrics_waiting,
+            self.metrics_tokens,
+            self.metrics_ttft,
+            self.metrics_queue,
+        ]
+
+    # ---- lifecycle (event loop side) -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model, start the engine thread, run one short generation (warm-up)."""
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(ready,), name="onnx-engine", daemon=True
+        )
+        self._thread.start()
+        await ready
+        self._watchdog = asyncio.create_task(self._watchdog_loop(), name="engine_watchdog_loop")
+        from schemas.messages import SamplingParams
+
+        await self.generate(GenerationRequest("warmup", [0, 1, 2], SamplingParams(max_tokens=1)))
+
+    async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+        if self._thread is not None:
+            self._inbox.put(_STOP)
+            await asyncio.to_thread(self._thread.join, 10)
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        if self.broken is not None:
+            raise StageFault(f"onnx engine is broken: {self.broken}", reason="engine-broken")
+        if not request.input_ids:
+            raise InvalidInput("empty prompt", reason="schema", param="messages")
+        assert self._loop is not None, "engine not started"
+        job = _Job(request, self._loop.create_future())
+        if not any(not j.future.done() for j in self._jobs):
+            self._last_progress = time.monotonic()  # idle time is not a stall
+        self._jobs.add(job)
+        self.metrics_waiting.inc()
+        self._inbox.put(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            self._inbox.put((_CANCEL, job))
+            raise
+        finally:
+            self._jobs.discard(job)
+
+    async def _watchdog_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.stall_s / 4))
+            pending = [j for j in self._jobs if not j.future.done()]
+            idle = time.monotonic() - self._last_progress
+            if pending and idle > self.stall_s and self.broken is None:
+                self.broken = f"no token for {idle:.0f}s with {len(pending)} requests in flight"
+                log.error(
+                    "onnx engine stalled: %s; failing them (restart this process)", self.broken
+                )
+                for job in pending:
+                    job.future.set_exception(
+                        StageFault(f"engine stalled: {self.broken}", reason="engine-stall")
+                    )
+
+    # ---- the engine thread -----------------------------------------------------------------
+
+    def _thread_main(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            runner = self._load()
+        except (RuntimeError, OSError, ValueError) as exc:  # start() raises it: no stage
+            loop.call_soon_threadsafe(_set_exception, ready, exc)
+            return
+        loop.call_soon_threadsafe(_set_result, ready, None)
+        runner()
+
+    def _load(self) -> Any:
+        import onnxruntime_genai as og
+
+        config = og.Config(str(self.model_path))
+        if self.threads:
+            overlay = {
+                "model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}
+            }
+            config.overlay(json.dumps(overlay))
+        t0 = time.monotonic()
+        self._og = og
+        self._model = og.Model(config)
+        use_engine = self.mode == "engine" or (self.mode == "auto" and hasattr(og, "Engine"))
+        if use_engine:
+            self._engine = og.Engine(self._model)
+            capacity = int(self._engine.get_capabilities().configured_max_batch_size) or 1
+            self.max_batch = min(capacity, self.requested_batch or capacity)
+            log.info(
+                "onnx engine: og.Engine on %s, batch %d (capacity %d), loaded in %.2fs",
+                self.model_path,
+                self.max_batch,
+                capacity,
+                time.monotonic() - t0,
+            )
+            return self._engine_loop
+        self.max_batch = 1
+        log.info(
+            "onnx engine: og.Generator on %s, loaded in %.2fs",
+            self.model_path,
+            time.monotonic() - t0,
+        )
+        return self._generator_loop
+
+    def _post(self, fn: Any, *args: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _engine_loop(self) -> None:
+        og = self._og
+        engine = self._engine
+        buffer = engine.create_event_buffer(max(64, self.max_batch * 4))
+        waiting: list[_Job] = []
+        running: dict[int, _Job] = {}
+        token_flag = int(og.EngineEventFlags.TOKEN.value)
+        done_flag = int(og.EngineEventFlags.TURN_FINISHED.value)
+        failed_flag = int(og.EngineEventFlags.FAILED.value)
+        retry_flag = int(og.EngineEventFlags.RETRYABLE.value)
+        while True:
+            block = not running and not waiting
+            if not self._drain_inbox(waiting, running, block):
+                return
+            while waiting and len(running) < self.max_batch:
+                job = waiting.pop(0)
+                if job.future.done():
+                    continue
+                self._admit(job)
+                running[id(job.og_request)] = job
+            self._active = len(running)
+            self.max_active_seen = max(self.max_active_seen, self._active)
+            if not running:
+                continue
+            finished: list[tuple[_Job, Generation | BaseException]] = []
+            now = time.monotonic()
+            tokens = 0
+            for event in engine.run(buffer):
+                found = running.get(id(event.request))
+                if found is None:
+                    continue
+                job = found
+                flags = int(event.flags.value)
+                if flags & token_flag:
+                    if not job.tokens:
+                        job.first_token = now
+                    job.tokens.append(int(event.token))
+                    tokens += 1
+                if flags & failed_flag:
+                    cls = TransientError if flags & retry_flag else StageFault
+                    finished.append(
+                        (job, cls(f"engine failed: {event.error_code.name}", reason="engine-error"))
+                    )
+                elif flags & done_flag:
+                    finished.append((job, self._generation(job, event.finish_reason.name, now)))
+            if tokens or finished:  # forward progress: a step that yields nothing is not
+                self._last_progress = time.monotonic()
+            for job, _ in finished:
+                running.pop(id(job.og_request), None)
+                job.og_request.close()
+            self._post(self._deliver, finished, self._active)
+
+    def _admit(self, job: _Job) -> None:
+        og = self._og
+        req = self._engine.create_request()
+        opts = og.TurnOptions(req)
+        s = job.request.sampling
+        greedy = not s.temperature
+        opts.set_do_sample(not greedy)
+        if not greedy:
+            opts.set_temperature(float(s.temperature or 0.0))
+            if s.top_p is not None:
+                opts.set_top_p(float(s.top_p))
+            if s.top_k is not None:
+                opts.set_top_k(int(s.top_k))
+        if s.seed is not None:
+            opts.set_seed(int(s.seed))
+        if s.max_tokens:
+            opts.set_max_generated_tokens(int(s.max_tokens))
+        if s.stop:
+            opts.set_stop_strings(list(s.stop))
+        job.og_request = req
+        job.started = time.monotonic()
+        job.turn_id = req.begin_turn(np.asarray(job.request.input_ids, dtype=np.int32), opts)
+
+    def _drain_inbox(self, waiting: list[_Job], running: dict[int, _Job], block: bool) -> bool:
+        """Move submissions into ``waiting``, apply cancels; False on stop."""
+        while True:
+            try:
+                item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if item is _STOP:
+                return False
+            if isinstance(item, tuple) and item[0] is _CANCEL:
+                job = item[1]
+                if job in waiting:
+                    waiting.remove(job)
+                elif job.og_request is not None and id(job.og_request) in running:
+                    job.og_request.cancel_turn(job.turn_id)
+                continue
+            assert isinstance(item, _Job)
+            waiting.append(item)
+
+    def _generator_loop(self) -> None:
+        og = self._og
+        while True:
+            item = self._inbox.get()
+            if item is _STOP:
+                return
+            if not isinstance(item, _Job) or item.future.done():
+                continue
+            job = item
+            job.started = time.monotonic()
+            self._active = 1
+            try:
+                result: Generation | BaseException = self._generate_static(og, job)
+            except RuntimeError as exc:  # a model error on this request: a fault for the breaker
+                result = StageFault(
+                    f"generator failed: {type(exc).__name__}: {exc}", reason="engine-error"
+                )
+            self._active = 0
+            self._last_progress = time.monotonic()
+            self._post(self._deliver, [(job, result)], 0)
+
+    def _generate_static(self, og: Any, job: _Job) -> Generation:
+        s = job.request.sampling
+        params = og.GeneratorParams(self._model)
+        options: dict[str, Any] = {"max_length": len(job.request.input_ids) + (s.max_tokens or 1)}
+        options["do_sample"] = bool(s.temperature)
+        if s.temperature:
+            options["temperature"] = float(s.temperature)
+        if s.top_p is not None:
+            options["top_p"] = float(s.top_p)
+        if s.top_k is not None:
+            options["top_k"] = int(s.top_k)
+        if s.seed is not None:
+            options["random_seed"] = int(s.seed)
+        params.set_search_options(**options)
+        generator = og.Generator(self._model, params)
+        generator.append_tokens(np.asarray(job.request.input_ids, dtype=np.int32))
+        eos = set(self._eos_ids())
+        finish = "length"
+        while not generator.is_done():
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            if not job.tokens:
+                job.first_token = time.monotonic()
+            if token in eos:
+                finish = "EOS"
+                break
+            job.tokens.append(token)
+            self._last_progress = time.monotonic()
+        return self._generation(job, finish, time.monotonic())
+
+    def _eos_ids(self) -> list[int]:
+        config = json.loads((self.model_path / "genai_config.json").read_text())
+        eos = config["model"].get("eos_token_id", [])
+        return eos if isinstance(eos, list) else [eos]
+
+    @staticmethod
+    def _generation(job: _Job, reason: str, now: float) -> Generation:
+        finish: Literal["stop", "length"] = (
+            "length"
+            if reason in ("MAX_GENERATED_TOKENS", "MAX_SESSION_TOKENS", "length")
+            else "stop"
+        )
+        first = job.first_token or now
+        return Generation(
+            output_ids=list(job.tokens),
+            finish_reason=finish,
+            ttft_s=first - job.submitted,
+            compute_s=now - job.started,
+            queue_s=job.started - job.submitted,
+        )
+
+    # ---- back on the event loop ------------------------------------------------------------
+
+    def _deliver(
+        self, finished: list[tuple[_Job, Generation | BaseException]], running: int
+    ) -> None:
+        self.metrics_running.set(running)
+        for job, result in finished:
+            self.metrics_waiting.dec()
+            if job.future.done():
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+                continue
+            self.metrics_tokens.inc(len(result.output_ids))
+            self.metrics_ttft.observe(result.ttft_s)
+            self.metrics_queue.observe(result.queue_s)
+            job.future.set_result(result)
+
+
+def _set_result(future: asyncio.Future[None], value: None) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[None], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
