@@ -148,5 +148,61 @@ def topics_list_for(settings: Settings) -> None:
         raise _fail(f"missing topics: {', '.join(sorted(missing))} (run: sluice topics create)", 1)
 
 
+model_app = typer.Typer(help="Build model folders for the compute stage.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("build")
+def model_build(
+    src: Annotated[
+        str, typer.Option("--from", help="Hugging Face model folder (config.json, weights).")
+    ],
+    out: Annotated[str, typer.Option("--out", help="Folder to write the built model to.")],
+    precision: Annotated[str, typer.Option(help="fp16 | int8 | int4 | fp32")],
+    device: Annotated[str, typer.Option(help="cuda | cpu")],
+    extra_option: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE for the builder's --extra_options (repeatable)."),
+    ] = None,
+) -> None:
+    """Build an ONNX model folder with onnxruntime-genai's model builder (train extra).
+
+    Continuous batching (CUDA, fp16) needs: --extra-option use_paged_attention=true
+    """
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    from pipeline import modelbuild
+
+    title = f"building {src} ({precision}, {device})"
+    try:
+        extras = modelbuild.parse_extra_options(extra_option or [])
+        with console.status(title) as status:
+
+            def progress(line: str) -> None:
+                status.update(f"{escape(title)}\n[dim]{escape(line[: console.width - 4])}[/]")
+
+            built = modelbuild.build_model(
+                Path(src), Path(out), precision, device, extras, progress
+            )
+    except modelbuild.BuildError as exc:
+        for line in exc.tail:
+            err.print(escape(line), highlight=False, soft_wrap=True)
+        raise _fail(str(exc), 1) from exc
+    summary = modelbuild.summarize(built)
+    table = Table(title=f"{summary.path}", show_header=False)
+    table.add_row("type", summary.model_type)
+    table.add_row("layers", str(summary.layers))
+    shape = f"{summary.hidden_size} / {summary.heads} / {summary.kv_heads}"
+    table.add_row("hidden / heads / kv heads", shape)
+    table.add_row("context length", str(summary.context_length))
+    table.add_row("vocab / eos", f"{summary.vocab_size} / {summary.eos_token_id}")
+    table.add_row("chat template", "yes" if summary.chat_template else "[red]missing[/]")
+    for name, size in [*summary.files, ("total", summary.total_bytes)]:
+        table.add_row(name, f"{size:,} B" if size < 2**20 else f"{size / 2**20:,.1f} MiB")
+    console.print(table)
+
+
 if __name__ == "__main__":
     app()

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline.errors import InvalidInput, StageFault, TransientError
+from pipeline.errors import FatalError, InvalidInput, StageFault, TransientError
 from stages.engines.base import Generation, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ class _Job:
     tokens: list[int] = field(default_factory=list)
     og_request: Any = None
     turn_id: int = 0
+    stream: Any = None  # incremental detokenizer, only where we check stop strings ourselves
+    text: str = ""
+    stopped: bool = False
 
 
 class OnnxEngine:
@@ -81,7 +84,7 @@ class OnnxEngine:
         )
         self.metrics_waiting = Gauge(
             "sluice_engine_waiting_requests",
-            "Requests admitted by the stage, waiting for a slot.",
+            "Requests submitted to the engine, waiting for a slot in its batch.",
             registry=None,
         )
         self.metrics_tokens = Counter(
@@ -119,7 +122,10 @@ class OnnxEngine:
             target=self._thread_main, args=(ready,), name="onnx-engine", daemon=True
         )
         self._thread.start()
-        await ready
+        try:
+            await ready
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise FatalError(f"cannot load the model in {self.model_path}: {exc}") from exc
         self._watchdog = asyncio.create_task(self._watchdog_loop(), name="engine_watchdog_loop")
         from schemas.messages import SamplingParams
 
@@ -143,7 +149,6 @@ class OnnxEngine:
         if not any(not j.future.done() for j in self._jobs):
             self._last_progress = time.monotonic()  # idle time is not a stall
         self._jobs.add(job)
-        self.metrics_waiting.inc()
         self._inbox.put(job)
         try:
             return await job.future
@@ -193,9 +198,15 @@ class OnnxEngine:
         t0 = time.monotonic()
         self._og = og
         self._model = og.Model(config)
+        genai = json.loads((self.model_path / "genai_config.json").read_text())
+        eos = genai["model"].get("eos_token_id", [])
+        self._eos = set(eos if isinstance(eos, list) else [eos])
+        self._context = int(genai["model"].get("context_length", 2048))
         use_engine = self.mode == "engine" or (self.mode == "auto" and hasattr(og, "Engine"))
         if use_engine:
             self._engine = og.Engine(self._model)
+            self._tokenizer = og.Tokenizer(self._model)
+            self._native_stops = "dynamic_batching" in genai.get("engine", {})
             capacity = int(self._engine.get_capabilities().configured_max_batch_size) or 1
             self.max_batch = min(capacity, self.requested_batch or capacity)
             log.info(
@@ -232,43 +243,63 @@ class OnnxEngine:
             block = not running and not waiting
             if not self._drain_inbox(waiting, running, block):
                 return
+            finished: list[tuple[_Job, Generation | BaseException]] = []
             while waiting and len(running) < self.max_batch:
                 job = waiting.pop(0)
                 if job.future.done():
                     continue
-                self._admit(job)
-                running[id(job.og_request)] = job
-            self._active = len(running)
-            self.max_active_seen = max(self.max_active_seen, self._active)
-            if not running:
-                continue
-            finished: list[tuple[_Job, Generation | BaseException]] = []
-            now = time.monotonic()
-            tokens = 0
-            for event in engine.run(buffer):
-                found = running.get(id(event.request))
-                if found is None:
-                    continue
-                job = found
-                flags = int(event.flags.value)
-                if flags & token_flag:
-                    if not job.tokens:
-                        job.first_token = now
-                    job.tokens.append(int(event.token))
-                    tokens += 1
-                if flags & failed_flag:
-                    cls = TransientError if flags & retry_flag else StageFault
+                try:
+                    self._admit(job)
+                except RuntimeError as exc:  # this request is refused; the engine goes on
+                    if job.og_request is not None:
+                        job.og_request.close()
                     finished.append(
-                        (job, cls(f"engine failed: {event.error_code.name}", reason="engine-error"))
+                        (
+                            job,
+                            StageFault(
+                                f"engine refused the request: {exc}", reason="engine-refused"
+                            ),
+                        )
                     )
-                elif flags & done_flag:
-                    finished.append((job, self._generation(job, event.finish_reason.name, now)))
+                    continue
+                running[id(job.og_request)] = job
+            self.max_active_seen = max(self.max_active_seen, len(running))
+            tokens = 0
+            if running:
+                events = engine.run(buffer)
+                now = time.monotonic()  # after the step: its time belongs to its tokens
+                for event in events:
+                    found = running.get(id(event.request))
+                    if found is None:
+                        continue
+                    job = found
+                    flags = int(event.flags.value)
+                    if flags & token_flag:
+                        if not job.tokens:
+                            job.first_token = now
+                        job.tokens.append(int(event.token))
+                        tokens += 1
+                        if job.stream is not None and self._hit_stop(job, int(event.token)):
+                            job.og_request.cancel_turn(job.turn_id)
+                            finished.append((job, self._generation(job, "STOP_STRING", now)))
+                            continue
+                    if flags & failed_flag:
+                        cls = TransientError if flags & retry_flag else StageFault
+                        error = cls(
+                            f"engine failed: {event.error_code.name}", reason="engine-error"
+                        )
+                        finished.append((job, error))
+                    elif flags & done_flag and not job.stopped:
+                        finished.append((job, self._generation(job, event.finish_reason.name, now)))
             if tokens or finished:  # forward progress: a step that yields nothing is not
                 self._last_progress = time.monotonic()
             for job, _ in finished:
-                running.pop(id(job.og_request), None)
-                job.og_request.close()
-            self._post(self._deliver, finished, self._active)
+                if job.og_request is not None and id(job.og_request) in running:
+                    del running[id(job.og_request)]
+                    job.og_request.close()
+            self._active = len(running)
+            if finished or running:
+                self._post(self._deliver, finished, len(running), len(waiting))
 
     def _admit(self, job: _Job) -> None:
         og = self._og
@@ -287,11 +318,21 @@ class OnnxEngine:
             opts.set_seed(int(s.seed))
         if s.max_tokens:
             opts.set_max_generated_tokens(int(s.max_tokens))
-        if s.stop:
+        if s.stop and self._native_stops:
             opts.set_stop_strings(list(s.stop))
+        elif s.stop:  # og.Engine without dynamic batching has no stop strings: we watch text
+            job.stream = self._tokenizer.create_stream()
         job.og_request = req
         job.started = time.monotonic()
         job.turn_id = req.begin_turn(np.asarray(job.request.input_ids, dtype=np.int32), opts)
+
+    def _hit_stop(self, job: _Job, token: int) -> bool:
+        """Decode incrementally; True once the text holds one of the request's stop strings."""
+        assert job.stream is not None
+        job.text += job.stream.decode(token)
+        if any(stop in job.text for stop in job.request.sampling.stop):
+            job.stopped = True
+        return job.stopped
 
     def _drain_inbox(self, waiting: list[_Job], running: dict[int, _Job], block: bool) -> bool:
         """Move submissions into ``waiting``, apply cancels; False on stop."""
@@ -332,12 +373,15 @@ class OnnxEngine:
                 )
             self._active = 0
             self._last_progress = time.monotonic()
-            self._post(self._deliver, [(job, result)], 0)
+            self._post(self._deliver, [(job, result)], 0, self._inbox.qsize())
 
     def _generate_static(self, og: Any, job: _Job) -> Generation:
         s = job.request.sampling
         params = og.GeneratorParams(self._model)
-        options: dict[str, Any] = {"max_length": len(job.request.input_ids) + (s.max_tokens or 1)}
+        room = self._context - len(job.request.input_ids)
+        options: dict[str, Any] = {
+            "max_length": len(job.request.input_ids) + (s.max_tokens or room)
+        }
         options["do_sample"] = bool(s.temperature)
         if s.temperature:
             options["temperature"] = float(s.temperature)
@@ -350,7 +394,7 @@ class OnnxEngine:
         params.set_search_options(**options)
         generator = og.Generator(self._model, params)
         generator.append_tokens(np.asarray(job.request.input_ids, dtype=np.int32))
-        eos = set(self._eos_ids())
+        eos = self._eos
         finish = "length"
         while not generator.is_done():
             generator.generate_next_token()
@@ -363,11 +407,6 @@ class OnnxEngine:
             job.tokens.append(token)
             self._last_progress = time.monotonic()
         return self._generation(job, finish, time.monotonic())
-
-    def _eos_ids(self) -> list[int]:
-        config = json.loads((self.model_path / "genai_config.json").read_text())
-        eos = config["model"].get("eos_token_id", [])
-        return eos if isinstance(eos, list) else [eos]
 
     @staticmethod
     def _generation(job: _Job, reason: str, now: float) -> Generation:
@@ -388,11 +427,14 @@ class OnnxEngine:
     # ---- back on the event loop ------------------------------------------------------------
 
     def _deliver(
-        self, finished: list[tuple[_Job, Generation | BaseException]], running: int
+        self,
+        finished: list[tuple[_Job, Generation | BaseException]],
+        running: int,
+        waiting: int,
     ) -> None:
         self.metrics_running.set(running)
+        self.metrics_waiting.set(waiting)
         for job, result in finished:
-            self.metrics_waiting.dec()
             if job.future.done():
                 continue
             if isinstance(result, BaseException):
