@@ -1,0 +1,455 @@
+"""GPU benchmark of the compute engine: Sluice's engine vs og.Generator vs transformers.
+
+Runs on a CUDA machine with onnxruntime-gpu and onnxruntime-genai-cuda (see docs/BENCHMARKS.md
+for how they get there). Two steps, so a lease can be split:
+
+    python -m bench.gpu_engine build   --work /tmp/gpu        # HF model + three ONNX builds
+    python -m bench.gpu_engine measure --work /tmp/gpu --out results.json
+
+``build`` makes a Qwen2-1.5B-shaped model with random weights (hidden 1536, 28 layers, 12 heads,
+2 KV heads, intermediate 8960, vocab 151936) and builds it three ways with the genai builder:
+fp16 with paged attention (what og.Engine needs to batch), plain fp16 and INT8 (og.Generator).
+``measure`` runs prompt 128 / 128 new tokens: tokens/s through ``OnnxEngine`` at 1, 16, 64 and
+128 concurrent requests (and variants), og.Generator at the same batch sizes, transformers
+``generate`` (fp16, eager) at batch 1 and 64, and cold start (process start to ready).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT, NEW = 128, 128
+CONCURRENCY = (1, 16, 64, 128)
+PAGED = (
+    "use_paged_attention=true",
+    "max_batch_size=128",
+    "max_scheduled_tokens=16384",
+    "paged_block_size=128",
+)
+BUILDS: dict[str, list[str]] = {
+    "fp16-paged": ["-p", "fp16", "-e", "cuda", "--extra_options", *PAGED],
+    "fp16": ["-p", "fp16", "-e", "cuda"],
+    "int8": ["-p", "int8", "-e", "cuda"],
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_hf(out: Path) -> None:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        eos_token_id=151643,
+        bos_token_id=151643,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model: Any = Qwen2ForCausalLM(config)
+    model = model.to(torch.float16)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(REPO / "models" / "demo" / "tokenizer" / name, out / name)
+    log(f"HF model written to {out}")
+
+
+def build(work: Path) -> None:
+    hf = work / "hf"
+    if not (hf / "config.json").exists():
+        make_hf(hf)
+    procs: dict[str, tuple[subprocess.Popen[bytes], Any]] = {}
+    for name, args in BUILDS.items():
+        out = work / name
+        if (out / "genai_config.json").exists():
+            continue
+        logf = (work / f"build-{name}.log").open("wb")
+        cmd = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(hf),
+            "-o",
+            str(out),
+            "-c",
+            str(work / f"cache-{name}"),
+            *args,
+        ]
+        procs[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf)
+        log(f"building {name}: {' '.join(args)}")
+    for name, (proc, logf) in procs.items():
+        code = proc.wait(timeout=540)
+        logf.close()
+        tail = (work / f"build-{name}.log").read_text(errors="replace")[-1500:]
+        log(f"build {name} exit {code}" + ("" if code == 0 else f"\n{tail}"))
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1000, 100_000, size=PROMPT).tolist() for _ in range(n)]
+
+
+async def engine_run(engines: list[Any], n: int) -> dict[str, float]:
+    from schemas.messages import SamplingParams
+    from stages.engines.base import GenerationRequest
+
+    reqs = [
+        GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=NEW))
+        for i, p in enumerate(prompts(n, seed=n))
+    ]
+    t0 = time.perf_counter()
+    results = await asyncio.gather(
+        *(engines[i % len(engines)].generate(r) for i, r in enumerate(reqs))
+    )
+    wall = time.perf_counter() - t0
+    tokens = sum(len(r.output_ids) for r in results)
+    ttft = sorted(r.ttft_s for r in results)
+    return {
+        "requests": n,
+        "tokens": tokens,
+        "seconds": wall,
+        "tok_s": tokens / wall,
+        "ttft_p50_ms": ttft[len(ttft) // 2] * 1000,
+    }
+
+
+def with_overlay(
+    src: Path, dst: Path, provider_options: dict[str, str], batching: dict[str, Any] | None = None
+) -> Path:
+    """A copy of a built folder (model files linked) whose CUDA provider options differ."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        target = dst / f.name
+        if f.name != "genai_config.json" and not target.exists():
+            target.symlink_to(f)
+    config = json.loads((src / "genai_config.json").read_text())
+    for entry in config["model"]["decoder"]["session_options"].get("provider_options", []):
+        if "cuda" in entry:
+            entry["cuda"].update(provider_options)
+    if batching:
+        config["engine"]["dynamic_batching"].update(batching)
+    (dst / "genai_config.json").write_text(json.dumps(config, indent=2))
+    return dst
+
+
+async def measure_engine(folder: Path, copies: int = 1) -> list[dict[str, float]]:
+    from stages.engines.onnx import OnnxEngine
+
+    engines = [OnnxEngine(folder, stall_s=120) for _ in range(copies)]
+    for e in engines:
+        await e.start()
+    try:
+        await engine_run(engines, 128)  # warm every batch shape once
+        rows = []
+        for n in CONCURRENCY:
+            row = await engine_run(engines, n)
+            log(f"  engine x{copies} {folder.name}: {n:>3} requests {row['tok_s']:>9,.0f} tok/s")
+            rows.append(row)
+        return rows
+    finally:
+        for e in engines:
+            await e.close()
+
+
+def measure_generator(folder: Path) -> list[dict[str, float]]:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    limit = int(
+        json.loads((folder / "genai_config.json").read_text())["search"].get("batch_size", 1)
+    )
+    rows = []
+    for b in (x for x in (1, 16, 32, 64, 128) if x <= max(limit, 32)):
+        ids = np.asarray(prompts(b, seed=b), dtype=np.int32)
+        for _ in range(2):  # the first pass at a shape warms it
+            params = og.GeneratorParams(model)
+            params.set_search_options(
+                max_length=PROMPT + NEW, min_length=PROMPT + NEW, batch_size=b, do_sample=False
+            )
+            gen = og.Generator(model, params)
+            t0 = time.perf_counter()
+            gen.append_tokens(ids)
+            steps = 0
+            while not gen.is_done():
+                gen.generate_next_token()
+                steps += 1
+            wall = time.perf_counter() - t0
+        row = {"batch": b, "tokens": b * steps, "seconds": wall, "tok_s": b * steps / wall}
+        log(f"  generator {folder.name}: batch {b:>3} {row['tok_s']:>9,.0f} tok/s")
+        rows.append(row)
+    return rows
+
+
+def measure_transformers(hf: Path) -> list[dict[str, float]]:
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    load: Any = Qwen2ForCausalLM.from_pretrained
+    model: Any = load(hf, torch_dtype=torch.float16, attn_implementation="eager").cuda().eval()
+    rows = []
+    for b in (1, 64):
+        ids = torch.tensor(prompts(b, seed=b), device="cuda")
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        row = {"batch": b, "tokens": b * NEW, "seconds": wall, "tok_s": b * NEW / wall}
+        log(f"  transformers eager fp16: batch {b:>3} {row['tok_s']:>9,.0f} tok/s")
+        rows.append(row)
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+async def _worker(folder: Path, n: int, start_at: float) -> dict[str, float]:
+    from stages.engines.onnx import OnnxEngine
+
+    engine = OnnxEngine(folder, stall_s=120)
+    await engine.start()
+    try:
+        await engine_run([engine], n)  # warm
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        t0 = time.time()
+        row = await engine_run([engine], n)
+        return {**row, "t0": t0, "t1": t0 + row["seconds"]}
+    finally:
+        await engine.close()
+
+
+def measure_processes(folder: Path, copies: int, total: int) -> dict[str, float]:
+    """``copies`` engine processes on one GPU, ``total`` requests split evenly, started together."""
+    start_at = time.time() + 30  # after every process has loaded and warmed up
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.gpu_engine",
+                "worker",
+                "--model",
+                str(folder),
+                "--n",
+                str(total // copies),
+                "--start-at",
+                str(start_at),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for _ in range(copies)
+    ]
+    rows = []
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    wall = max(r["t1"] for r in rows) - min(r["t0"] for r in rows)
+    tokens = sum(r["tokens"] for r in rows)
+    log(f"  {copies} engine processes, {total} requests: {tokens / wall:,.0f} tok/s")
+    return {
+        "processes": copies,
+        "requests": total,
+        "tokens": tokens,
+        "seconds": wall,
+        "tok_s": tokens / wall,
+        "late_start_s": max(r["t0"] for r in rows) - start_at,
+    }
+
+
+def measure_raw(folder: Path) -> list[dict[str, float]]:
+    """og.Engine driven by a bare Python loop (no Sluice): what the wrapper costs."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    engine = og.Engine(og.Model(str(folder)))
+    token = int(og.EngineEventFlags.TOKEN.value)
+    rows = []
+    for n in (128, *CONCURRENCY):
+        buffer = engine.create_event_buffer(1024)
+        requests = []
+        for p in prompts(n, seed=n):
+            req = engine.create_request()
+            opts = og.TurnOptions(req)
+            opts.set_max_generated_tokens(NEW)
+            req.begin_turn(np.asarray(p, dtype=np.int32), opts)
+            requests.append(req)
+        t0 = time.perf_counter()
+        tokens = 0
+        while engine.has_pending_requests():
+            for event in engine.run(buffer):
+                if int(event.flags.value) & token:
+                    tokens += 1
+        wall = time.perf_counter() - t0
+        for req in requests:
+            req.close()
+        rows.append({"requests": n, "tokens": tokens, "seconds": wall, "tok_s": tokens / wall})
+        log(f"  raw og.Engine {folder.name}: {n:>3} requests {tokens / wall:>9,.0f} tok/s")
+    return rows[1:]
+
+
+def cold_start(folder: Path) -> float:
+    """Seconds from launching a fresh process to its engine being warmed up and ready."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.gpu_engine", "ready", "--model", str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("READY"):
+            took = time.monotonic() - t0
+            proc.wait(timeout=60)
+            return took
+    _, err = proc.communicate(timeout=60)
+    raise RuntimeError(f"cold start failed: {err[-2000:]}")
+
+
+async def _ready(folder: Path) -> None:
+    """In a fresh process: load and warm up an engine, then say READY."""
+    from stages.engines.onnx import OnnxEngine
+
+    engine = OnnxEngine(folder)
+    await engine.start()
+    print("READY", flush=True)
+    await engine.close()
+
+
+def measure(work: Path, out: Path, parts: set[str]) -> None:
+    import torch
+
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    result: dict[str, Any] = previous | {
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": torch.cuda.get_device_name(0),
+        "prompt": PROMPT,
+        "new": NEW,
+    }
+    try:
+        import onnxruntime
+        import onnxruntime_genai
+
+        result["onnxruntime"] = onnxruntime.__version__
+        result["onnxruntime_genai"] = onnxruntime_genai.__version__
+    except ImportError as exc:
+        result["import_error"] = str(exc)
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=2))
+
+    paged = work / "fp16-paged"
+    graph = with_overlay(paged, work / "fp16-paged-graph", {"enable_cuda_graph": "1"})
+    half = with_overlay(
+        paged,
+        work / "fp16-paged-graph-half",
+        {"enable_cuda_graph": "1"},
+        {"gpu_utilization_factor": 0.3},
+    )
+    big = with_overlay(
+        paged,
+        work / "fp16-paged-graph-big",
+        {"enable_cuda_graph": "1"},
+        {"gpu_utilization_factor": 0.85},
+    )
+    small = with_overlay(
+        paged,
+        work / "fp16-paged-graph-small",
+        {"enable_cuda_graph": "1"},
+        {"gpu_utilization_factor": 0.1},
+    )
+    steps: dict[str, tuple[str, Callable[[], Any]]] = {
+        "cold-small": ("cold_start_fp16_paged_util01_s", lambda: cold_start(small)),
+        "raw-graph": ("raw_og_engine_fp16_paged_cuda_graph", lambda: measure_raw(graph)),
+        "graph-small": (
+            "engine_fp16_paged_cuda_graph_util01",
+            lambda: asyncio.run(measure_engine(small)),
+        ),
+        "cold": ("cold_start_s", lambda: {n: cold_start(work / n) for n in ("fp16-paged", "int8")}),
+        "engine": ("engine_fp16_paged", lambda: asyncio.run(measure_engine(paged))),
+        "graph": ("engine_fp16_paged_cuda_graph", lambda: asyncio.run(measure_engine(graph))),
+        # two engines in one process, each with half the KV-cache budget
+        "graph2": (
+            "engine_fp16_paged_cuda_graph_x2",
+            lambda: asyncio.run(measure_engine(half, copies=2)),
+        ),
+        "graph-util": (
+            "engine_fp16_paged_cuda_graph_util085",
+            lambda: asyncio.run(measure_engine(big)),
+        ),
+        "int8": ("engine_int8", lambda: asyncio.run(measure_engine(work / "int8"))),
+        "generator": ("generator_fp16", lambda: measure_generator(work / "fp16")),
+        "generator-int8": ("generator_int8", lambda: measure_generator(work / "int8")),
+        "transformers": ("transformers_eager_fp16", lambda: measure_transformers(work / "hf")),
+        "procs2": (
+            "engine_fp16_paged_cuda_graph_2_processes",
+            lambda: [measure_processes(half, 2, n) for n in (64, 128, 256)],
+        ),
+        "cold-half": ("cold_start_fp16_paged_util03_s", lambda: cold_start(half)),
+    }
+    for part, (key, fn) in steps.items():
+        if part not in parts:
+            continue
+        try:
+            result[key] = fn()
+        except Exception as exc:  # noqa: BLE001 - a variant that fails is a finding: recorded
+            result[key] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+            log(f"{part} failed: {exc}")
+        save()
+    log(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_engine")
+    parser.add_argument("step", choices=["build", "measure", "worker", "ready"])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--start-at", type=float, default=0.0)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gpu"))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu.json")
+    parser.add_argument(
+        "--parts",
+        default="cold,engine,graph,graph-util,int8,generator,generator-int8,transformers",
+    )
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.step == "ready":
+        asyncio.run(_ready(args.model))
+    elif args.step == "worker":
+        print(json.dumps(asyncio.run(_worker(args.model, args.n, args.start_at))), flush=True)
+    elif args.step == "build":
+        build(args.work)
+    else:
+        measure(args.work, args.out, set(args.parts.split(",")))
+
+
+if __name__ == "__main__":
+    main()
