@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from pipeline import admin
 from pipeline.breaker import BreakerState
 from pipeline.config import REPO_ROOT, Settings
@@ -29,6 +31,13 @@ from stages.text import TextModel
 from tests.integration.kafka_io import collect, produce
 
 MODEL = REPO_ROOT / "models" / "demo" / "tokenizer"
+
+
+async def _get(runner: StageRunner, path: str) -> tuple[int, str]:
+    """GET one of the stage's HTTP endpoints."""
+    url = f"http://{runner.http.host}:{runner.http.port}{path}"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.text()
 
 
 def _state(runner: StageRunner) -> BreakerState:
@@ -104,6 +113,12 @@ async def test_breaker_opens_after_five_faults_serves_cache_and_closes_after_the
             assert info is not None and info.reason == "engine-fault"
         assert _state(runner) == BreakerState.OPEN, "not open after exactly 5 faults"
         assert runner.ready()[0] is False
+        status, body = await _get(runner, "/readyz")
+        assert status == 503 and "breaker open" in body
+        assert (await _get(runner, "/healthz"))[0] == 200  # alive, just not ready
+        _, metrics = await _get(runner, "/metrics")
+        assert 'sluice_breaker_state{stage="compute"} 2.0' in metrics
+        assert 'sluice_dead_letters_total{reason="engine-fault",stage="compute"} 5.0' in metrics
 
         # Open: the identical request is answered from the cache, degraded, under its new id.
         await send("again-1", "what is two plus two")
@@ -128,6 +143,9 @@ async def test_breaker_opens_after_five_faults_serves_cache_and_closes_after_the
         assert decode(GeneratedMessage, rec.value).id == "probe-1"
         assert _state(runner) == BreakerState.CLOSED
         assert runner.ready()[0] is True
+        assert (await _get(runner, "/readyz"))[0] == 200
+        _, metrics = await _get(runner, "/metrics")
+        assert 'sluice_breaker_state{stage="compute"} 0.0' in metrics
     finally:
         runner.request_stop()
         await runner.shutdown()
