@@ -5,16 +5,15 @@ Benchmarks are not tests: they print a table and write JSON under ``bench/result
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import importlib.metadata
 import os
 import platform
 import statistics
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
@@ -22,7 +21,6 @@ from infra.kafka.broker import DEFAULT_KAFKA_VERSION, BrokerConfig, start_broker
 from infra.process import ServiceHandle
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-T = TypeVar("T")
 
 
 def cpu_model() -> str:
@@ -61,16 +59,6 @@ def machine() -> dict[str, Any]:
 def load_average() -> list[float]:
     """1, 5 and 15 minute load averages, rounded."""
     return [round(v, 2) for v in os.getloadavg()]
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop when installed, as ``sluice run`` does, so the numbers match a service."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
 
 
 @contextmanager

@@ -47,11 +47,11 @@ from bench.common import (
     median,
     percentile,
     results_path,
-    run_async,
     write_json,
 )
 from infra.process import free_port
 from pipeline import admin
+from pipeline.aio import run_async
 from pipeline.batch import Batch, Output, Record, Result
 from pipeline.config import REPO_ROOT, Settings, Topics
 from pipeline.procs import StageProcess, stage_env

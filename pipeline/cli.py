@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +13,7 @@ from rich.table import Table
 from infra import local
 from infra.process import InfraError
 from pipeline import admin
+from pipeline.aio import run_async
 from pipeline.config import Settings, load_settings
 
 app = typer.Typer(
@@ -24,7 +24,6 @@ app = typer.Typer(
 topics_app = typer.Typer(help="Create and inspect Sluice topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 console = Console()
-T = TypeVar("T")
 err = Console(stderr=True)
 
 
@@ -82,16 +81,6 @@ def demo() -> None:
         raise _fail(str(exc)) from exc
     if bad:
         raise _fail(f"{bad} answers were wrong or missing", 1)
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop when it is installed, asyncio's loop otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
 
 
 @app.command()

@@ -15,6 +15,7 @@ import asyncio
 import inspect
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,8 @@ class StageRunner:
         self.stage = handler.spec.name
         self.group_id = group_id or settings.group_id(self.stage)
         self.metrics = StageMetrics(self.stage)
+        self._latency = self.metrics.latency.labels(self.stage)  # hot path: bound once
+        self._in_flight = self.metrics.in_flight.labels(self.stage)
         for collector in getattr(handler, "collectors", list)():
             self.metrics.registry.register(collector)
         self.breaker = CircuitBreaker(
@@ -245,7 +248,7 @@ class StageRunner:
                     task = asyncio.create_task(self._process(batch, tp, epoch))
                     self._tasks[task] = tp
                     task.add_done_callback(self._task_done)
-            self.metrics.in_flight.labels(self.stage).set(self.tracker.in_flight)
+            self._in_flight.set(self.tracker.in_flight)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
@@ -357,13 +360,12 @@ class StageRunner:
         outputs = self._outputs(results)
         await self._produce(outputs)
         now = time.time()
+        latency = self._latency
         for record in batch:
             self.tracker.finish(tp, record.offset, epoch)
-            self.metrics.latency.labels(self.stage).observe(
-                max(0.0, now - record.timestamp_ms / 1000)
-            )
+            latency.observe(max(0.0, now - record.timestamp_ms / 1000))
         self._last_finish = time.monotonic()
-        self.metrics.in_flight.labels(self.stage).set(self.tracker.in_flight)
+        self._in_flight.set(self.tracker.in_flight)
 
     async def _process_transactional(self, batch: Batch, tp: TopicPartition, epoch: int) -> None:
         producer = self._producer
@@ -388,8 +390,9 @@ class StageRunner:
             await asyncio.gather(*futures)
         except KafkaError as exc:
             raise FatalError(f"stage {self.stage}: producing outputs failed: {exc!r}") from exc
-        for o in outputs:
-            self.metrics.produced.labels(self.stage, o.topic).inc()
+        per_topic = Counter(o.topic for o in outputs)
+        for topic, n in per_topic.items():
+            self.metrics.produced.labels(self.stage, topic).inc(n)
 
     async def _attempt(self, batch: Batch) -> list[Result]:
         """Results for every record: handled, served from cache, or refused by the breaker."""

@@ -149,7 +149,7 @@ async def test_breaker_opens_after_five_faults_serves_cache_and_closes_after_the
     finally:
         runner.request_stop()
         await runner.shutdown()
-    metrics = runner.metrics
-    assert metrics.cache_answers.labels("compute")._value.get() == 1
-    assert metrics.dead_letters.labels("compute", "circuit-open")._value.get() == 1
+    counters = runner.metrics
+    assert counters.cache_answers.labels("compute")._value.get() == 1
+    assert counters.dead_letters.labels("compute", "circuit-open")._value.get() == 1
     assert (tmp_path / "state").exists() or settings.state_dir.exists()
