@@ -86,6 +86,18 @@ class Settings(BaseSettings):
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
 
+    # Archiver: an object is written when any of these is reached
+    archive_max_records: int = Field(default=1000, ge=1)
+    archive_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    archive_max_age_s: float = Field(default=30.0, gt=0)
+
+    # Producer client and HTTP gateway
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8000, ge=0, le=65535)
+    gateway_api_key: SecretStr | None = None
+    gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
     # Model and local state
     model_path: Path = DEFAULT_MODEL
     state_dir: Path = Path(".sluice")
