@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from infra import local
@@ -32,7 +33,7 @@ def _settings() -> Settings:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code)
 
 
@@ -102,6 +103,53 @@ def run(
         raise _fail(str(exc), 3) from exc
 
 
+@app.command()
+def scale(
+    stages: Annotated[
+        list[str] | None, typer.Option("--stage", help="Stages to run (default: all three).")
+    ] = None,
+    cpu_affinity: Annotated[bool, typer.Option(help="Pin each worker to one CPU.")] = False,
+    lag_threshold: Annotated[
+        int | None, typer.Option(help="Lag per worker (default: per stage policy).")
+    ] = None,
+    max_workers: Annotated[int | None, typer.Option(help="Upper bound per stage.")] = None,
+) -> None:
+    """Run the stages as worker processes and scale each on its consumer-group lag."""
+    import dataclasses
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.autoscaler import DEFAULT_POLICIES
+    from pipeline.supervisor import Supervisor
+
+    chosen = set(stages or [p.stage for p in DEFAULT_POLICIES])
+    unknown = chosen - {p.stage for p in DEFAULT_POLICIES}
+    if unknown:
+        raise _fail(f"unknown stage(s): {', '.join(sorted(unknown))}")
+    policies = [
+        dataclasses.replace(
+            p,
+            lag_threshold=lag_threshold or p.lag_threshold,
+            max_workers=max_workers or p.max_workers,
+        )
+        for p in DEFAULT_POLICIES
+        if p.stage in chosen
+    ]
+    settings = _settings()
+    log_dir = Path(tempfile.mkdtemp(prefix="sluice-scale-"))
+    console.print(f"worker logs in {log_dir}; SIGTERM or Ctrl-C stops every worker cleanly")
+    supervisor = Supervisor(settings, policies, log_dir, cpu_affinity=cpu_affinity)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, supervisor.request_stop)
+        await supervisor.run()
+
+    run_async(main())
+
+
 @topics_app.command("create")
 def topics_create(
     partitions: Annotated[int | None, typer.Option(help="Partitions per topic.")] = None,
@@ -159,8 +207,6 @@ def model_build(
     Continuous batching (CUDA, fp16) needs: --extra-option use_paged_attention=true
     """
     from pathlib import Path
-
-    from rich.markup import escape
 
     from pipeline import modelbuild
 

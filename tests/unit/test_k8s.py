@@ -1,0 +1,36 @@
+"""The Kubernetes manifests are generated from the autoscaler's policies and kept in step."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.autoscaler import DEFAULT_POLICIES
+from pipeline.config import REPO_ROOT
+from pipeline.k8s import render
+
+
+def _docs() -> list[dict[str, Any]]:
+    text = (REPO_ROOT / "infra" / "k8s" / "sluice.yaml").read_text()
+    return [json.loads(part) for part in text.split("---\n")[1:]]
+
+
+def test_committed_manifests_are_what_the_policies_generate() -> None:
+    committed = (REPO_ROOT / "infra" / "k8s" / "sluice.yaml").read_text()
+    assert committed == render(), "regenerate: python -m pipeline.k8s > infra/k8s/sluice.yaml"
+
+
+def test_scaled_objects_carry_the_same_thresholds_min_max_and_windows() -> None:
+    objects = {d["metadata"]["name"]: d for d in _docs() if d["kind"] == "ScaledObject"}
+    for policy in DEFAULT_POLICIES:
+        spec = objects[f"sluice-{policy.stage}"]["spec"]
+        trigger = spec["triggers"][0]
+        assert trigger["type"] == "kafka"
+        assert trigger["metadata"]["lagThreshold"] == str(policy.lag_threshold)
+        assert trigger["metadata"]["consumerGroup"] == f"sluice-{policy.stage}"
+        assert spec["minReplicaCount"] == policy.min_workers
+        assert spec["maxReplicaCount"] == policy.max_workers
+        behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        assert behavior["scaleUp"]["stabilizationWindowSeconds"] == policy.scale_up_window_s
+        assert behavior["scaleDown"]["stabilizationWindowSeconds"] == policy.scale_down_window_s
+        assert spec["scaleTargetRef"]["name"] == f"sluice-{policy.stage}"
