@@ -71,11 +71,10 @@ async def test_a_burst_scales_compute_out_and_the_drain_scales_it_back_in(
                 break
             await asyncio.sleep(0.5)
         assert sup.running("compute") == 1, "compute did not scale back in"
-        decisions = [(round(t - t0, 1), d.current, d.desired) for t, d in
-                     sup.stages["compute"].decisions]  # fmt: skip
+        steps = [(round(t - t0, 1), d.current, d.desired) for t, d in decisions]
         print(
             f"\nautoscale: lag crossed {policy.lag_threshold} -> 2+ compute workers consuming "
-            f"in {time_to_scale:.1f}s; decisions (t, from, to): {decisions}; "
+            f"in {time_to_scale:.1f}s; decisions (t, from, to): {steps}; "
             f"{sum(len(v) - 1 for v in by_id.values())} duplicate answers"
         )
         assert time_to_scale <= 10, f"time to scale {time_to_scale:.1f}s > 10s"
