@@ -23,6 +23,8 @@ demo: $(STAMP)
 	$(BIN)/sluice demo
 
 test: $(STAMP)
+	bash infra/prometheus/install-promtool.sh
+	bash infra/chromium/install.sh
 	$(BIN)/python -m infra fetch --minio
 	$(BIN)/pytest -v $(PYTEST_ARGS)
 

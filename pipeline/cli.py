@@ -13,7 +13,7 @@ from rich.table import Table
 
 from infra import local
 from infra.process import InfraError
-from pipeline import admin
+from pipeline import admin, cli_ops
 from pipeline.aio import run_async
 from pipeline.config import Settings, load_settings
 
@@ -24,6 +24,7 @@ app = typer.Typer(
 )
 topics_app = typer.Typer(help="Create and inspect Sluice topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+cli_ops.register(app)
 console = Console()
 err = Console(stderr=True)
 

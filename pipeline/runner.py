@@ -27,9 +27,11 @@ from pipeline.batch import Batch, Output, Record, Result
 from pipeline.breaker import BreakerState, CircuitBreaker, ResponseCache
 from pipeline.config import Settings, Topics
 from pipeline.errors import CircuitOpen, FatalError, SluiceError, StageFault, as_sluice_error
+from pipeline.gpu import GpuCollector
 from pipeline.http import HealthServer
 from pipeline.metrics import StageMetrics
 from pipeline.offsets import OffsetTracker
+from pipeline.procmetrics import ProcessMemoryCollector
 from pipeline.stage import Handler, output_for
 from schemas.headers import SLUICE_DEGRADED, header_value, make_dlt_headers
 
@@ -59,6 +61,8 @@ class StageRunner:
         self.stage = handler.spec.name
         self.group_id = group_id or settings.group_id(self.stage)
         self.metrics = StageMetrics(self.stage)
+        self.metrics.registry.register(ProcessMemoryCollector())
+        self.metrics.registry.register(GpuCollector())
         self._latency = self.metrics.latency.labels(self.stage)  # hot path: bound once
         self._in_flight = self.metrics.in_flight.labels(self.stage)
         for collector in getattr(handler, "collectors", list)():

@@ -1,0 +1,1 @@
+"""Grafana: the Sluice dashboard (as code) and its provisioning."""
