@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
+from prometheus_client import Histogram
 
 from pipeline.batch import Batch, Output, Record, Result
 from pipeline.config import Settings
 from pipeline.errors import InvalidInput, StageFault
+from pipeline.metrics import LATENCY_BUCKETS
 from pipeline.stage import StageSpec, output_for
 from schemas.errors import SchemaError
 from schemas.headers import SLUICE_DEGRADED, SLUICE_TIMINGS, TRACEPARENT, header_value, make_headers
@@ -31,6 +34,15 @@ class Postprocess:
         self.spec = StageSpec(STAGE, topics.generated, topics.answers)
         self.text = text
         self.out_topic = topics.answers
+        self.end_to_end = Histogram(
+            "sluice_end_to_end_seconds",
+            "From the prompt's arrival on the prompts topic to its answer being made.",
+            buckets=LATENCY_BUCKETS,
+            registry=None,
+        )
+
+    def collectors(self) -> list[Any]:
+        return [self.end_to_end]
 
     def handle(self, batch: Batch) -> list[Result]:
         return [self._one(record) for record in batch]
@@ -56,9 +68,12 @@ class Postprocess:
             usage=msg.usage,
             created=msg.created,
         )
+        now = time.time()
         timings = msg.timings.model_copy(
-            update={"postprocess_s": time.perf_counter() - t0, "answered_at": time.time()}
+            update={"postprocess_s": time.perf_counter() - t0, "answered_at": now}
         )
+        if msg.timings.received_at is not None:
+            self.end_to_end.observe(max(0.0, now - msg.timings.received_at))
         out = output_for(
             record,
             self.out_topic,
