@@ -40,6 +40,7 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.transport
+	$(BIN)/python -m bench.gateway_load
 
 up: $(STAMP)
 	$(BIN)/sluice up --minio

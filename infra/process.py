@@ -41,7 +41,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def ensure_port_free(port: int, host: str = "127.0.0.1", what: str = "service") -> None:
+    """Refuse a port something listens on; TIME_WAIT leftovers of a stopped server are fine
+    (servers bind with SO_REUSEADDR, so must this check, or a restart on the same port fails)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:

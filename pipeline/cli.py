@@ -13,8 +13,9 @@ from rich.table import Table
 
 from infra import local
 from infra.process import InfraError
-from pipeline import admin, cli_ops
+from pipeline import admin, cli_client, cli_ops
 from pipeline.aio import run_async
+from pipeline.cli_replay import register as register_replay
 from pipeline.config import Settings, load_settings
 
 app = typer.Typer(
@@ -25,6 +26,9 @@ app = typer.Typer(
 topics_app = typer.Typer(help="Create and inspect Sluice topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 cli_ops.register(app)
+register_replay(app)
+app.command("send")(cli_client.send)
+app.command("infer")(cli_client.infer)
 console = Console()
 err = Console(stderr=True)
 
@@ -87,13 +91,28 @@ def demo() -> None:
 
 @app.command()
 def run(
-    stage: Annotated[str, typer.Argument(help="preprocess | compute | postprocess")],
+    stage: Annotated[
+        str, typer.Argument(help="preprocess | compute | postprocess | archiver | gateway")
+    ],
 ) -> None:
     """Run one stage until SIGTERM/SIGINT (graceful: finish in-flight work, commit, leave)."""
     from pipeline.errors import SluiceError
     from pipeline.runner import run_stage
     from stages.registry import STAGES, build_handler
 
+    if stage == "gateway":
+        from stages.gateway import run_gateway
+
+        run_gateway(_settings())
+        return
+    if stage == "archiver":
+        from pipeline.cli_replay import run_archiver_command
+
+        try:
+            run_archiver_command(_settings())
+        except SluiceError as exc:
+            raise _fail(str(exc), 3) from exc
+        return
     if stage not in STAGES:
         raise _fail(f"unknown stage {stage!r}; one of: {', '.join(STAGES)}")
     settings = _settings()

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from pipeline.config import REPO_ROOT, Settings
 
 
@@ -22,6 +24,8 @@ def stage_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     for name in settings.model_fields_set:
         value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()  # str() would hand the child "**********"
         if value is not None:
             env[f"SLUICE_{name.upper()}"] = str(value)
     env["PYTHONUNBUFFERED"] = "1"

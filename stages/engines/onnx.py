@@ -250,13 +250,14 @@ class OnnxEngine:
                     continue
                 try:
                     self._admit(job)
-                except RuntimeError as exc:  # this request is refused; the engine goes on
+                except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+                    # the request's options are refused (bad input, not a fault); engine goes on
                     if job.og_request is not None:
                         job.og_request.close()
                     finished.append(
                         (
                             job,
-                            StageFault(
+                            InvalidInput(
                                 f"engine refused the request: {exc}", reason="engine-refused"
                             ),
                         )
@@ -314,8 +315,8 @@ class OnnxEngine:
                 opts.set_top_p(float(s.top_p))
             if s.top_k is not None:
                 opts.set_top_k(int(s.top_k))
-        if s.seed is not None:
-            opts.set_seed(int(s.seed))
+        if s.seed is not None and self._native_stops:  # per-turn seeds need dynamic batching
+            opts.set_seed(int(s.seed) & (2**64 - 1))  # OpenAI's int64 seed as og's uint64
         if s.max_tokens:
             opts.set_max_generated_tokens(int(s.max_tokens))
         if s.stop and self._native_stops:
@@ -390,7 +391,7 @@ class OnnxEngine:
         if s.top_k is not None:
             options["top_k"] = int(s.top_k)
         if s.seed is not None:
-            options["random_seed"] = int(s.seed)
+            options["random_seed"] = int(s.seed) & (2**63 - 1)
         params.set_search_options(**options)
         generator = og.Generator(self._model, params)
         generator.append_tokens(np.asarray(job.request.input_ids, dtype=np.int32))

@@ -1,0 +1,177 @@
+"""``sluice replay prompts``: re-publish archived prompts, all of a window or only unanswered ones.
+
+A re-published prompt keeps its key, value and headers, and so its request id: the body's
+``id``, else its ``sluice-request-id`` header, else the id derived from its original position,
+which is then added as a ``sluice-request-id`` header (the new position would derive another).
+``sluice-replay-attempt`` is set to one more than the record carried. Within a run each request
+id is sent once.
+
+``--unanswered``: a prompt is answered when an answer with its request id is in the archive
+(answers topic), or, with ``check_topic``, on the live answers topic. Error answers count as
+answers unless ``retry_errors`` (dead-lettered work has its own path: ``sluice replay dlq``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.batch import Record, derived_request_id
+from pipeline.config import Settings
+from pipeline.storage import ObjectStore
+from replay.archive import ArchiveReader, Window
+from replay.common import (
+    HeaderList,
+    NoProgress,
+    Progress,
+    RateLimiter,
+    ReplaySummary,
+    is_error_answer,
+    producer_for,
+    replay_attempts,
+    topic_request_ids,
+    with_attempt,
+)
+from schemas.archive import ArchivedRecord
+from schemas.headers import SLUICE_REQUEST_ID, header_value
+
+log = logging.getLogger(__name__)
+
+SEND_WINDOW = 500  # sends in flight before waiting for their acks
+
+
+@dataclass(frozen=True)
+class PromptReplayOptions:
+    window: Window = field(default_factory=Window)
+    unanswered: bool = False
+    check_topic: bool = False  # also count answers on the live answers topic
+    retry_errors: bool = False  # error answers do not count as answered
+    source_topic: str | None = None  # the archived prompts topic (default: settings')
+    answers_topic: str | None = None  # the answers topic (default: settings')
+    target_topic: str | None = None  # where to re-publish (default: the prompts topic)
+    rate: float = 0.0  # records a second, 0: no limit
+    dry_run: bool = False
+
+
+def prompt_request_id(record: ArchivedRecord) -> str:
+    """The request id the pipeline gave (or will give) this prompt."""
+    return Record(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        timestamp_ms=record.timestamp_ms,
+        key=record.key,
+        value=record.value,
+        headers=[(k, v if v is not None else b"") for k, v in record.headers],
+    ).request_id()
+
+
+def replay_headers(record: ArchivedRecord, request_id: str) -> HeaderList:
+    """The original headers, the request id made explicit if needed, the attempt counted."""
+    headers: HeaderList = list(record.headers)
+    derived = derived_request_id(record.topic, record.partition, record.offset)
+    if request_id == derived and header_value(headers, SLUICE_REQUEST_ID) is None:
+        headers.append((SLUICE_REQUEST_ID, request_id.encode()))
+    return with_attempt(headers, replay_attempts(headers) + 1)
+
+
+async def answered_request_ids(
+    reader: ArchiveReader, topic: str, *, completions_only: bool, progress: Progress
+) -> set[str]:
+    """Request ids of every archived answer (completions only, if asked)."""
+    names = await reader.objects(topic)
+    progress.begin(f"reading archived answers ({topic})", len(names))
+    ids: set[str] = set()
+    async for record in reader.records(
+        topic, objects=names, on_object=lambda _: progress.advance(1, answers=len(ids))
+    ):
+        if completions_only and is_error_answer(record.headers):
+            continue
+        rid = header_value(record.headers, SLUICE_REQUEST_ID)
+        if rid:
+            ids.add(rid)
+    return ids
+
+
+async def replay_prompts(
+    settings: Settings,
+    store: ObjectStore,
+    options: PromptReplayOptions,
+    progress: Progress | None = None,
+) -> ReplaySummary:
+    """Re-publish the archived prompts ``options`` select; returns what was done."""
+    progress = progress or NoProgress()
+    source = options.source_topic or settings.topics.prompts
+    target = options.target_topic or settings.topics.prompts
+    answers_topic = options.answers_topic or settings.topics.answers
+    summary = ReplaySummary("replay prompts", options.dry_run)
+    reader = ArchiveReader(store)
+
+    answered: set[str] = set()
+    if options.unanswered:
+        completions_only = options.retry_errors
+        answered = await answered_request_ids(
+            reader, answers_topic, completions_only=completions_only, progress=progress
+        )
+        if options.check_topic:
+            progress.begin(f"reading live answers ({answers_topic})", None)
+            live = await topic_request_ids(
+                settings, answers_topic, completions_only=completions_only
+            )
+            answered |= live
+            progress.advance(1, answers=len(live))
+
+    names = await reader.objects(source, options.window)
+    if not names:
+        log.warning("no archived objects of %s in %s for this window", source, store.url)
+    progress.begin(f"replaying prompts from {source}", len(names))
+    limiter = RateLimiter(options.rate)
+    producer = None if options.dry_run else producer_for(settings)
+    in_flight: list[asyncio.Future[Any]] = []
+    seen: set[str] = set()
+    try:
+        if producer is not None:
+            await producer.start()
+        async for record in reader.records(
+            source,
+            options.window,
+            objects=names,
+            on_object=lambda _: progress.advance(1, sent=summary.sent),
+        ):
+            summary.examined += 1
+            rid = prompt_request_id(record)
+            if rid in answered:
+                summary.skipped["answered"] += 1
+                continue
+            if rid in seen:
+                summary.skipped["same request id again"] += 1
+                continue
+            seen.add(rid)
+            if producer is not None:
+                await limiter.acquire()
+                headers = replay_headers(record, rid)
+                in_flight.append(
+                    await producer.send(target, record.value, key=record.key, headers=headers)
+                )
+                if len(in_flight) >= SEND_WINDOW:
+                    await asyncio.gather(*in_flight)
+                    in_flight.clear()
+            summary.note_sent(target, rid)
+        if in_flight:
+            await asyncio.gather(*in_flight)
+    finally:
+        if producer is not None:
+            await producer.stop()
+    if reader.duplicates:
+        summary.skipped["overlapping archive copies"] += reader.duplicates
+    log.info(
+        "replay prompts: %s %d of %d archived prompts from %s to %s",
+        "would send" if options.dry_run else "sent",
+        summary.sent,
+        summary.examined,
+        store.url,
+        target,
+    )
+    return summary.finish()
