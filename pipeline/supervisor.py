@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pipeline.admin import describe_topics
 from pipeline.autoscaler import Decision, ScalePolicy, StageScaler
 from pipeline.config import Settings
+from pipeline.http import HealthServer
 from pipeline.procs import StageProcess, stage_env
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,10 @@ class Supervisor:
         }
         self._stop = asyncio.Event()
         self._last_lag: dict[str, int] = {}
+        self._last_round = 0.0
+        self.http = HealthServer(
+            self.registry, self._healthy, self._ready, settings.http_host, settings.http_port
+        )
 
     # ---- lag -------------------------------------------------------------------------------
 
@@ -195,7 +200,16 @@ class Supervisor:
 
     # ---- the loop --------------------------------------------------------------------------
 
+    def _healthy(self) -> tuple[bool, str]:
+        idle = time.monotonic() - self._last_round
+        return (idle < 30, "ok" if idle < 30 else f"no scaling round for {idle:.0f}s")
+
+    def _ready(self) -> tuple[bool, str]:
+        return (self._last_round > 0, "ok" if self._last_round > 0 else "starting")
+
     async def run(self) -> None:
+        """Serve /metrics (sluice_workers, decisions, restarts), then scale until stopped."""
+        await self.http.start()
         parts = await self.partitions()
         for st in self.stages.values():
             st.scaler.policy = st.scaler.policy.bounded(parts[st.stage])
@@ -214,10 +228,12 @@ class Supervisor:
                     self._reap(st, now)
                     self.workers_gauge.labels(st.stage, "desired").set(st.scaler.current)
                     self.workers_gauge.labels(st.stage, "running").set(self.running(st.stage))
+                self._last_round = time.monotonic()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.interval_s)
         finally:
             await self.shutdown()
+            await self.http.stop()
 
     def request_stop(self) -> None:
         self._stop.set()

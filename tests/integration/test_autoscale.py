@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
+
 from pipeline import admin
 from pipeline.autoscaler import ScalePolicy
 from pipeline.config import REPO_ROOT, Settings
@@ -71,6 +73,12 @@ async def test_a_burst_scales_compute_out_and_the_drain_scales_it_back_in(
                 break
             await asyncio.sleep(0.5)
         assert sup.running("compute") == 1, "compute did not scale back in"
+        async with aiohttp.ClientSession() as session:
+            url = f"http://{sup.http.host}:{sup.http.port}/metrics"
+            async with session.get(url) as response:
+                scraped = await response.text()
+        assert 'sluice_workers{kind="running",stage="compute"} 1.0' in scraped
+        assert 'sluice_scale_decisions_total{direction="up",stage="compute"} 1.0' in scraped
         steps = [(round(t - t0, 1), d.current, d.desired) for t, d in decisions]
         print(
             f"\nautoscale: lag crossed {policy.lag_threshold} -> 2+ compute workers consuming "
