@@ -25,6 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash infra/prometheus/install-promtool.sh
 	bash infra/chromium/install.sh
+	npm ci --prefix infra/k8s/validate --no-audit --no-fund --loglevel=error
 	$(BIN)/python -m infra fetch --minio
 	$(BIN)/pytest -v $(PYTEST_ARGS)
 
