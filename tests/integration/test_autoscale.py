@@ -103,3 +103,33 @@ def _consuming(sup: Supervisor, log_dir: Path) -> int:
         if path.exists() and 'stage compute: assigned ["' in path.read_text(errors="replace"):
             count += 1
     return count
+
+
+async def test_a_crashed_worker_is_restarted_with_backoff(
+    settings_factory: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = settings_factory(model_path=MODEL, engine="echo", partitions=2)
+    await admin.create_topics(settings)
+    policy = ScalePolicy("compute", lag_threshold=1000, min_workers=1, max_workers=2)
+    sup = Supervisor(settings, [policy], tmp_path, interval_s=0.3)
+    task = asyncio.create_task(sup.run())
+    try:
+        for _ in range(100):
+            if sup.running("compute") == 1:
+                break
+            await asyncio.sleep(0.1)
+        first = sup.stages["compute"].workers[0].proc.proc
+        assert first is not None
+        first.kill()  # a crash, not a scale-in
+        for _ in range(100):
+            worker = sup.stages["compute"].workers.get(0)
+            if worker is not None and worker.proc.proc is not first:
+                break
+            await asyncio.sleep(0.1)
+        restarted = sup.stages["compute"].workers[0].proc.proc
+        assert restarted is not None and restarted is not first and restarted.poll() is None
+        assert sup.restarts_total.labels("compute")._value.get() == 1
+        assert sup.stages["compute"].restarts[0] == 1  # the next crash waits longer (2 s, 4 s…)
+    finally:
+        sup.request_stop()
+        await task
