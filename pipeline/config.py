@@ -127,6 +127,7 @@ class Settings(BaseSettings):
     # Compute engine: "onnx" (ONNX Runtime GenAI) or "echo" (a deterministic stand-in)
     engine: Literal["echo", "onnx"] = "onnx"
     engine_max_batch: int = Field(default=0, ge=0)  # 0: the engine's own capacity
+    engine_token_budget: int = Field(default=0, ge=0)  # prompt+max new tokens in flight; 0: none
     engine_threads: int = Field(default=0, ge=0)  # 0: onnxruntime's default
     engine_stall_s: float = Field(default=30.0, gt=0)
     engine_mode: Literal["auto", "engine", "generator"] = "auto"

@@ -34,6 +34,7 @@ def build_handler(name: str, settings: Settings) -> Handler:
             engine = OnnxEngine(
                 settings.model_path,
                 max_batch=settings.engine_max_batch,
+                token_budget=settings.engine_token_budget,
                 threads=settings.engine_threads,
                 stall_s=settings.engine_stall_s,
                 mode=settings.engine_mode,

@@ -60,12 +60,14 @@ class OnnxEngine:
         model_path: Path,
         *,
         max_batch: int = 0,
+        token_budget: int = 0,
         threads: int = 0,
         stall_s: float = 30.0,
         mode: Literal["auto", "engine", "generator"] = "auto",
     ) -> None:
         self.model_path = model_path
         self.requested_batch = max_batch
+        self.token_budget = token_budget  # prompt + max new tokens of the running batch; 0: none
         self.threads = threads
         self.stall_s = stall_s
         self.mode = mode
@@ -244,7 +246,7 @@ class OnnxEngine:
             if not self._drain_inbox(waiting, running, block):
                 return
             finished: list[tuple[_Job, Generation | BaseException]] = []
-            while waiting and len(running) < self.max_batch:
+            while waiting and len(running) < self.max_batch and self._fits(waiting[0], running):
                 job = waiting.pop(0)
                 if job.future.done():
                     continue
@@ -326,6 +328,18 @@ class OnnxEngine:
         job.og_request = req
         job.started = time.monotonic()
         job.turn_id = req.begin_turn(np.asarray(job.request.input_ids, dtype=np.int32), opts)
+
+    def _cost(self, job: _Job) -> int:
+        """Tokens a request may hold in the KV cache: its prompt plus its new-token limit."""
+        return len(job.request.input_ids) + (job.request.sampling.max_tokens or 0)
+
+    def _fits(self, job: _Job, running: dict[int, _Job]) -> bool:
+        """Within the token budget (a request alone is always admitted, or it would wait
+        forever)."""
+        if not self.token_budget or not running:
+            return True
+        held = sum(self._cost(j) for j in running.values())
+        return held + self._cost(job) <= self.token_budget
 
     def _hit_stop(self, job: _Job, token: int) -> bool:
         """Decode incrementally; True once the text holds one of the request's stop strings."""

@@ -183,6 +183,18 @@ async def test_concurrent_greedy_answers_are_correct(make_engine: EngineFactory)
     assert ttft_count - ttft_before == len(QUESTIONS)
 
 
+async def test_the_token_budget_bounds_what_runs_together(make_engine: EngineFactory) -> None:
+    """Prompt + max new tokens of the running batch stay within the budget: with room for two
+    requests, never more than two run, though the engine has slots for four."""
+    probe = request(QUESTIONS[0].question)
+    cost = len(probe.input_ids) + (probe.sampling.max_tokens or 0)
+    engine = await make_engine(token_budget=2 * cost + cost // 2)
+    assert engine.max_batch == 4
+    gens = await generate_all(engine, [request(ex.question) for ex in QUESTIONS[:12]])
+    assert all(g.output_ids for g in gens)
+    assert engine.max_active_seen == 2
+
+
 async def test_admission_never_exceeds_max_batch(make_engine: EngineFactory) -> None:
     """More concurrent requests than slots (the H200 stall trap): the rest queue in the stage."""
     engine = await make_engine(max_batch=2)
