@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TRAIN  := $(VENV)/.installed-train
 PYTEST_ARGS ?=
 
 .PHONY: help install demo test unit lint typecheck bench up down clean
@@ -14,22 +15,27 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,train]'
+	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# torch & co. (~4 GB): only the model-build tests and training need them, not the demo.
+$(TRAIN): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,train]'
+	touch $(TRAIN)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sluice demo
 
-test: $(STAMP)
+test: $(TRAIN)
 	bash infra/prometheus/install-promtool.sh
 	bash infra/chromium/install.sh
 	npm ci --prefix infra/k8s/validate --no-audit --no-fund --loglevel=error
 	$(BIN)/python -m infra fetch --minio
 	$(BIN)/pytest -v $(PYTEST_ARGS)
 
-unit: $(STAMP)
+unit: $(TRAIN)
 	$(BIN)/pytest -v -m "not integration" $(PYTEST_ARGS)
 
 lint: $(STAMP)
