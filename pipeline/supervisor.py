@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -27,6 +25,7 @@ from pipeline.admin import describe_topics
 from pipeline.autoscaler import Decision, ScalePolicy, StageScaler
 from pipeline.config import Settings
 from pipeline.http import HealthServer
+from pipeline.lag import GroupSelector, LagReader
 from pipeline.procs import StageProcess, stage_env
 
 log = logging.getLogger(__name__)
@@ -95,6 +94,12 @@ class Supervisor:
         }
         self._stop = asyncio.Event()
         self._last_lag: dict[str, int] = {}
+        self._lag_lock = asyncio.Lock()
+        self._lag_reader = LagReader(
+            settings,
+            GroupSelector(names=tuple(settings.group_id(p.stage) for p in policies)),
+            watch_topics=[st.topic for st in self.stages.values()],
+        )
         self._last_round = 0.0
         self.http = HealthServer(
             self.registry, self._healthy, self._ready, settings.http_host, settings.http_port
@@ -103,31 +108,25 @@ class Supervisor:
     # ---- lag -------------------------------------------------------------------------------
 
     async def lags(self) -> dict[str, int]:
-        """Committed-vs-end lag of each stage's group on its input topic."""
-        infos = {
-            i.name: i
-            for i in await describe_topics(self.settings, [s.topic for s in self.stages.values()])
-        }
-        admin = AIOKafkaAdminClient(**self.settings.kafka_common())
-        await admin.start()
-        try:
-            out = {}
-            for st in self.stages.values():
-                ends = infos[st.topic].end_offsets
-                tps = [TopicPartition(st.topic, p) for p in sorted(ends)]
-                group = self.settings.group_id(st.stage)
-                try:
-                    committed = await admin.list_consumer_group_offsets(group, partitions=tps)
-                except KafkaError as exc:  # coordinator moving or not there yet: keep the last
-                    log.info("lag of %s not readable this round: %s", group, exc)
-                    out[st.stage] = self._last_lag.get(st.stage, 0)
-                    continue
-                done = {tp.partition: m.offset for tp, m in committed.items() if m.offset >= 0}
-                out[st.stage] = sum(end - done.get(p, 0) for p, end in ends.items())
-            self._last_lag = out
-            return out
-        finally:
-            await admin.close()
+        """Committed-vs-end lag of each stage's group on its input topic (a partition the group
+        has not committed yet counts whole), over one long-lived ``LagReader``."""
+        async with self._lag_lock:
+            try:
+                snapshot = await self._lag_reader.read()
+            except KafkaError as exc:  # coordinator moving or the group not there yet
+                log.info("lag not readable this round (%s); keeping the last reading", exc)
+                return {st.stage: self._last_lag.get(st.stage, 0) for st in self.stages.values()}
+        rows = snapshot.lags()
+        out = {}
+        for st in self.stages.values():
+            group = self.settings.group_id(st.stage)
+            out[st.stage] = sum(
+                rows.get((group, topic, partition), end)
+                for (topic, partition), end in snapshot.topic_ends.items()
+                if topic == st.topic
+            )
+        self._last_lag = out
+        return out
 
     async def partitions(self) -> dict[str, int]:
         infos = {
@@ -210,6 +209,7 @@ class Supervisor:
     async def run(self) -> None:
         """Serve /metrics (sluice_workers, decisions, restarts), then scale until stopped."""
         await self.http.start()
+        await self._lag_reader.start()
         parts = await self.partitions()
         for st in self.stages.values():
             st.scaler.policy = st.scaler.policy.bounded(parts[st.stage])
@@ -233,6 +233,7 @@ class Supervisor:
                     await asyncio.wait_for(self._stop.wait(), self.interval_s)
         finally:
             await self.shutdown()
+            await self._lag_reader.close()
             await self.http.stop()
 
     def request_stop(self) -> None:
