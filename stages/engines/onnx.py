@@ -241,68 +241,84 @@ class OnnxEngine:
         done_flag = int(og.EngineEventFlags.TURN_FINISHED.value)
         failed_flag = int(og.EngineEventFlags.FAILED.value)
         retry_flag = int(og.EngineEventFlags.RETRYABLE.value)
+        end_flags = done_flag | failed_flag
+        monotonic = time.monotonic
+        reported = 0.0
         while True:
             block = not running and not waiting
             if not self._drain_inbox(waiting, running, block):
                 return
             finished: list[tuple[_Job, Generation | BaseException]] = []
-            while waiting and len(running) < self.max_batch and self._fits(waiting[0], running):
-                job = waiting.pop(0)
-                if job.future.done():
-                    continue
-                try:
-                    self._admit(job)
-                except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
-                    # the request's options are refused (bad input, not a fault); engine goes on
-                    if job.og_request is not None:
-                        job.og_request.close()
-                    finished.append(
-                        (
-                            job,
-                            InvalidInput(
-                                f"engine refused the request: {exc}", reason="engine-refused"
-                            ),
-                        )
-                    )
-                    continue
-                running[id(job.og_request)] = job
-            self.max_active_seen = max(self.max_active_seen, len(running))
-            tokens = 0
+            if waiting and len(running) < self.max_batch:
+                self._admit_waiting(waiting, running, finished)
             if running:
                 events = engine.run(buffer)
-                now = time.monotonic()  # after the step: its time belongs to its tokens
+                now = monotonic()  # after the step: its time belongs to its tokens
+                produced = False
+                # The hot path (once per token): plain lookups, no per-token calls back into
+                # the event loop. Stop strings are checked here only where the engine cannot.
                 for event in events:
-                    found = running.get(id(event.request))
-                    if found is None:
+                    job = running.get(id(event.request))
+                    if job is None:
                         continue
-                    job = found
                     flags = int(event.flags.value)
                     if flags & token_flag:
-                        if not job.tokens:
+                        tokens = job.tokens
+                        if not tokens:
                             job.first_token = now
-                        job.tokens.append(int(event.token))
-                        tokens += 1
-                        if job.stream is not None and self._hit_stop(job, int(event.token)):
+                        tokens.append(int(event.token))
+                        produced = True
+                        if job.stream is not None and self._hit_stop(job, tokens[-1]):
                             job.og_request.cancel_turn(job.turn_id)
                             finished.append((job, self._generation(job, "STOP_STRING", now)))
                             continue
-                    if flags & failed_flag:
-                        cls = TransientError if flags & retry_flag else StageFault
-                        error = cls(
-                            f"engine failed: {event.error_code.name}", reason="engine-error"
-                        )
-                        finished.append((job, error))
-                    elif flags & done_flag and not job.stopped:
-                        finished.append((job, self._generation(job, event.finish_reason.name, now)))
-            if tokens or finished:  # forward progress: a step that yields nothing is not
-                self._last_progress = time.monotonic()
+                    if flags & end_flags:
+                        if flags & failed_flag:
+                            cls = TransientError if flags & retry_flag else StageFault
+                            error = cls(
+                                f"engine failed: {event.error_code.name}", reason="engine-error"
+                            )
+                            finished.append((job, error))
+                        elif not job.stopped:
+                            reason = event.finish_reason.name
+                            finished.append((job, self._generation(job, reason, now)))
+                if produced or finished:  # a step that yields nothing is not progress
+                    self._last_progress = now
             for job, _ in finished:
-                if job.og_request is not None and id(job.og_request) in running:
-                    del running[id(job.og_request)]
+                if job.og_request is not None and running.pop(id(job.og_request), None) is not None:
                     job.og_request.close()
             self._active = len(running)
-            if finished or running:
+            self.max_active_seen = max(self.max_active_seen, len(running))
+            # One hop to the event loop when requests end, else at most a few a second (for
+            # the gauges): a call per step would wake the loop and fight for the GIL each time.
+            now = monotonic()
+            if finished or (now - reported > 0.25 and (running or waiting)):
+                reported = now
                 self._post(self._deliver, finished, len(running), len(waiting))
+
+    def _admit_waiting(
+        self,
+        waiting: list[_Job],
+        running: dict[int, _Job],
+        finished: list[tuple[_Job, Generation | BaseException]],
+    ) -> None:
+        """Move waiting requests into the engine's batch, up to its capacity and token budget."""
+        while waiting and len(running) < self.max_batch and self._fits(waiting[0], running):
+            job = waiting.pop(0)
+            if job.future.done():
+                continue
+            try:
+                self._admit(job)
+            except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+                # the request's options are refused (bad input, not a fault); engine goes on
+                if job.og_request is not None:
+                    job.og_request.close()
+                refused = InvalidInput(
+                    f"engine refused the request: {exc}", reason="engine-refused"
+                )
+                finished.append((job, refused))
+                continue
+            running[id(job.og_request)] = job
 
     def _admit(self, job: _Job) -> None:
         og = self._og
