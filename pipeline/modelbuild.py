@@ -53,6 +53,22 @@ TAIL_LINES = 30
 
 Progress = Callable[[str], None]
 
+# A CUDA fp16 build gets what og.Engine needs to batch (paged attention) and what made it
+# fastest on the H200 (docs/BENCHMARKS.md): logits only for the tokens that are sampled
+# (prune_lm_head: the prefill otherwise writes prompt x vocab logits) and CUDA graphs for the
+# decode steps. --extra-option overrides any of them; use_paged_attention=false drops them all.
+ENGINE_DEFAULTS = {
+    "use_paged_attention": "true",
+    "max_batch_size": "128",
+    "max_scheduled_tokens": "16384",
+    "prune_lm_head": "true",
+    "enable_cuda_graph": "true",
+}
+# The paged KV cache is sized for max_batch_size sequences of this many tokens (or the model's
+# context, if shorter) instead of a share of free GPU memory: allocating 60% of an H200 took
+# 3 s of the cold start. Longer sequences still run, fewer at a time.
+KV_TOKENS_PER_SEQUENCE = 4096
+
 
 class BuildError(FatalError):
     """The model could not be built; ``tail`` holds the builder's last output lines, if any."""
@@ -211,6 +227,42 @@ def check_build(
 # ---- the build -----------------------------------------------------------------------------
 
 
+def with_engine_defaults(
+    src: Path, precision: str, device: str, extra: Mapping[str, str]
+) -> dict[str, str]:
+    """``extra`` plus :data:`ENGINE_DEFAULTS` for a CUDA fp16 build (what ``extra`` sets wins).
+
+    The paged block size follows the FlashAttention tile for the model's head size (the
+    builder's note: 256 up to 64, 128 up to 128, else 64); ``num_blocks`` holds
+    ``max_batch_size`` sequences of :data:`KV_TOKENS_PER_SEQUENCE` tokens.
+    """
+    options = dict(extra)
+    paged = options.get("use_paged_attention", "true").lower() not in ("0", "false")
+    if device != "cuda" or precision != "fp16" or not paged or "config_only" in options:
+        return options
+    options = ENGINE_DEFAULTS | options
+    config = _read_config(src)
+    hidden = int(config.get("hidden_size", 0))
+    heads = int(config.get("num_attention_heads", 0)) or 1
+    head_size = int(config.get("head_dim") or hidden // heads)
+    tile = 256 if head_size <= 64 else 128 if head_size <= 128 else 64
+    options.setdefault("paged_block_size", str(tile))
+    if "num_blocks" not in options and "gpu_utilization_factor" not in options:
+        context = int(config.get("max_position_embeddings") or KV_TOKENS_PER_SEQUENCE)
+        tokens = int(options["max_batch_size"]) * min(context, KV_TOKENS_PER_SEQUENCE)
+        block = int(options["paged_block_size"])
+        options["num_blocks"] = str(-(-tokens // block))
+    return options
+
+
+def _read_config(src: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((src / "config.json").read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"cannot read {src / 'config.json'}: {exc}") from exc
+    return config if isinstance(config, dict) else {}
+
+
 def builder_command(
     src: Path, out: Path, *, cache_dir: Path, precision: str, device: str, extra: Mapping[str, str]
 ) -> list[str]:
@@ -241,6 +293,11 @@ def build_model(  # noqa: PLR0917 - the documented call: what, where, how, then 
         raise BuildError(f"{out} is not empty and not a model folder; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     progress(f"building {arch} from {src} ({precision}, {device})")
+    defaults = with_engine_defaults(src, precision, device, extra_options)
+    added = {k: v for k, v in defaults.items() if k not in extra_options}
+    if added:
+        progress("engine options: " + " ".join(f"{k}={v}" for k, v in added.items()))
+    extra_options = defaults
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
         built = scratch / "model"

@@ -33,6 +33,7 @@ from stages.engines.base import Generation, GenerationRequest
 log = logging.getLogger(__name__)
 
 _STOP, _CANCEL = object(), object()
+STATIC_BATCH_LIMIT = 32  # og.Generator refuses batch_size > 32 (onnxruntime-genai 0.18)
 
 
 @dataclass(eq=False)
@@ -204,11 +205,11 @@ class OnnxEngine:
         eos = genai["model"].get("eos_token_id", [])
         self._eos = set(eos if isinstance(eos, list) else [eos])
         self._context = int(genai["model"].get("context_length", 2048))
-        use_engine = self.mode == "engine" or (self.mode == "auto" and hasattr(og, "Engine"))
-        if use_engine:
+        dynamic = "dynamic_batching" in genai.get("engine", {})
+        self._tokenizer = og.Tokenizer(self._model)
+        if self.mode == "engine" or (self.mode == "auto" and (dynamic or not _on_cuda(genai))):
             self._engine = og.Engine(self._model)
-            self._tokenizer = og.Tokenizer(self._model)
-            self._native_stops = "dynamic_batching" in genai.get("engine", {})
+            self._native_stops = dynamic
             capacity = int(self._engine.get_capabilities().configured_max_batch_size) or 1
             self.max_batch = min(capacity, self.requested_batch or capacity)
             log.info(
@@ -219,9 +220,14 @@ class OnnxEngine:
                 time.monotonic() - t0,
             )
             return self._engine_loop
-        self.max_batch = 1
+        # A CUDA model built without paged attention: og.Engine would run it 4 sequences at a
+        # time, og.Generator runs static batches of up to 32 (DESIGN.md "Compute").
+        pad = genai["model"].get("pad_token_id", next(iter(self._eos), 0))
+        self._pad = int(pad[0] if isinstance(pad, list) else pad)
+        self.max_batch = min(STATIC_BATCH_LIMIT, self.requested_batch or STATIC_BATCH_LIMIT)
         log.info(
-            "onnx engine: og.Generator on %s, loaded in %.2fs",
+            "onnx engine: og.Generator static batches of up to %d on %s, loaded in %.2fs",
+            self.max_batch,
             self.model_path,
             time.monotonic() - t0,
         )
@@ -386,58 +392,135 @@ class OnnxEngine:
             waiting.append(item)
 
     def _generator_loop(self) -> None:
-        og = self._og
+        """Static batches with ``og.Generator``: requests that sample alike run together."""
+        waiting: list[_Job] = []
         while True:
-            item = self._inbox.get()
-            if item is _STOP:
+            if not self._drain_inbox(waiting, {}, block=not waiting):
                 return
-            if not isinstance(item, _Job) or item.future.done():
-                continue
-            job = item
-            job.started = time.monotonic()
-            self._active = 1
-            try:
-                result: Generation | BaseException = self._generate_static(og, job)
-            except RuntimeError as exc:  # a model error on this request: a fault for the breaker
-                result = StageFault(
-                    f"generator failed: {type(exc).__name__}: {exc}", reason="engine-error"
-                )
-            self._active = 0
-            self._last_progress = time.monotonic()
-            self._post(self._deliver, [(job, result)], 0, self._inbox.qsize())
+            waiting[:] = [j for j in waiting if not j.future.done()]
+            if waiting and not self._run_batch(self._take_batch(waiting), waiting):
+                return
 
-    def _generate_static(self, og: Any, job: _Job) -> Generation:
+    def _take_batch(self, waiting: list[_Job]) -> list[_Job]:
+        """The oldest waiting request and the next ones that sample like it, up to the batch
+        limit and the token budget (one generator has one set of search options)."""
+        key = _sampling_key(waiting[0])
+        batch: list[_Job] = []
+        held = 0
+        for job in list(waiting):
+            if len(batch) == self.max_batch:
+                break
+            cost = self._cost(job)
+            if _sampling_key(job) != key or (
+                batch and self.token_budget and held + cost > self.token_budget
+            ):
+                continue
+            batch.append(job)
+            held += cost
+            waiting.remove(job)
+        return batch
+
+    def _run_batch(self, batch: list[_Job], waiting: list[_Job]) -> bool:
+        """Generate for ``batch`` (prompts right-padded with the pad token, which og.Generator
+        masks) and hand each request back as soon as it ends; False once asked to stop."""
+        og = self._og
+        finished: list[tuple[_Job, Generation | BaseException]] = []
+        for job in list(batch):
+            if len(job.request.input_ids) >= self._context:
+                batch.remove(job)
+                finished.append(
+                    (
+                        job,
+                        InvalidInput(
+                            f"prompt of {len(job.request.input_ids)} tokens leaves no room in the "
+                            f"model's context of {self._context}",
+                            reason="context-length",
+                            param="messages",
+                        ),
+                    )
+                )
+        if not batch:
+            self._post(self._deliver, finished, 0, len(waiting))
+            return True
+        width = max(len(j.request.input_ids) for j in batch)
+        room = self._context - width
+        limits = [min(j.request.sampling.max_tokens or room, room) for j in batch]
+        ids = np.full((len(batch), width), self._pad, dtype=np.int32)
+        started = time.monotonic()
+        for row, job in enumerate(batch):
+            ids[row, : len(job.request.input_ids)] = job.request.input_ids
+            job.started = started
+            if job.request.sampling.stop:
+                job.stream = self._tokenizer.create_stream()
+        self._active = len(batch)
+        self.max_active_seen = max(self.max_active_seen, len(batch))
+        self._post(self._deliver, finished, len(batch), len(waiting))
+        live = list(range(len(batch)))
+        try:
+            generator = og.Generator(
+                self._model, self._params(batch[0], len(batch), width + max(limits))
+            )
+            generator.append_tokens(ids)
+            while live:
+                if generator.is_done():  # every row reached max_length
+                    now = time.monotonic()
+                    finished = [(batch[i], self._generation(batch[i], "length", now)) for i in live]
+                    live = []
+                    break
+                generator.generate_next_token()
+                tokens = generator.get_next_tokens()
+                now = time.monotonic()
+                self._last_progress = now
+                finished = []
+                still = []
+                for row in live:
+                    job = batch[row]
+                    if job.future.done():  # cancelled: its row runs on, unread
+                        continue
+                    token = int(tokens[row])
+                    job.first_token = job.first_token or now
+                    if token in self._eos:
+                        finished.append((job, self._generation(job, "EOS", now)))
+                        continue
+                    job.tokens.append(token)
+                    if job.stream is not None and self._hit_stop(job, token):
+                        finished.append((job, self._generation(job, "STOP_STRING", now)))
+                    elif len(job.tokens) >= limits[row]:
+                        finished.append((job, self._generation(job, "length", now)))
+                    else:
+                        still.append(row)
+                live = still
+                if finished:
+                    self._post(self._deliver, finished, len(live), len(waiting))
+                if not self._drain_inbox(waiting, {}, block=False):
+                    return False
+        except RuntimeError as exc:  # a model error (e.g. out of memory): a fault for the breaker
+            fault = StageFault(
+                f"generator failed: {type(exc).__name__}: {exc}", reason="engine-error"
+            )
+            finished = [(batch[row], fault) for row in live]
+        self._active = 0
+        self._post(self._deliver, finished, 0, len(waiting))
+        return True
+
+    def _params(self, job: _Job, batch_size: int, max_length: int) -> Any:
         s = job.request.sampling
-        params = og.GeneratorParams(self._model)
-        room = self._context - len(job.request.input_ids)
         options: dict[str, Any] = {
-            "max_length": len(job.request.input_ids) + (s.max_tokens or room)
+            "max_length": max_length,
+            "batch_size": batch_size,
+            "do_sample": bool(s.temperature),
         }
-        options["do_sample"] = bool(s.temperature)
         if s.temperature:
             options["temperature"] = float(s.temperature)
-        if s.top_p is not None:
-            options["top_p"] = float(s.top_p)
-        if s.top_k is not None:
-            options["top_k"] = int(s.top_k)
-        if s.seed is not None:
-            options["random_seed"] = int(s.seed) & (2**63 - 1)
+            if s.top_p is not None:
+                options["top_p"] = float(s.top_p)
+            if s.top_k is not None:
+                options["top_k"] = int(s.top_k)
+            if s.seed is not None:
+                options["random_seed"] = int(s.seed) & (2**63 - 1)
+        params = self._og.GeneratorParams(self._model)
         params.set_search_options(**options)
-        generator = og.Generator(self._model, params)
-        generator.append_tokens(np.asarray(job.request.input_ids, dtype=np.int32))
-        eos = self._eos
-        finish = "length"
-        while not generator.is_done():
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            if not job.tokens:
-                job.first_token = time.monotonic()
-            if token in eos:
-                finish = "EOS"
-                break
-            job.tokens.append(token)
-            self._last_progress = time.monotonic()
-        return self._generation(job, finish, time.monotonic())
+        return params
 
     @staticmethod
     def _generation(job: _Job, reason: str, now: float) -> Generation:
@@ -475,6 +558,20 @@ class OnnxEngine:
             self.metrics_ttft.observe(result.ttft_s)
             self.metrics_queue.observe(result.queue_s)
             job.future.set_result(result)
+
+
+def _sampling_key(job: _Job) -> tuple[Any, ...]:
+    """Requests with equal keys can share one og.Generator (one set of search options)."""
+    s = job.request.sampling
+    if not s.temperature:
+        return ("greedy",)
+    return (s.temperature, s.top_p, s.top_k, s.seed)
+
+
+def _on_cuda(genai: dict[str, Any]) -> bool:
+    """The model's genai_config asks for the CUDA execution provider."""
+    options = genai["model"]["decoder"].get("session_options", {}).get("provider_options", [])
+    return any("cuda" in entry for entry in options)
 
 
 def _set_result(future: asyncio.Future[None], value: None) -> None:

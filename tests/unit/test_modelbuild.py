@@ -177,3 +177,35 @@ def test_builds_the_demo_model_for_cpu_int8(tmp_path: Path) -> None:
             break
         output.append(token)
     assert task.check(example.question, text.decode(output)), text.decode(output)
+
+
+def test_cuda_fp16_builds_get_the_engine_options(tmp_path: Path) -> None:
+    """What og.Engine needs to batch, and the options measured fastest on the H200; what the
+    caller passes wins, and a build without paged attention gets none of them."""
+    options = modelbuild.with_engine_defaults(HF, "fp16", "cuda", {})
+    assert options["use_paged_attention"] == "true"
+    assert options["prune_lm_head"] == options["enable_cuda_graph"] == "true"
+    assert options["paged_block_size"] == "256"  # the demo's head size is 32
+    assert options["num_blocks"] == "128"  # 128 sequences of its 256-token context
+    ours = modelbuild.with_engine_defaults(HF, "fp16", "cuda", {"max_batch_size": "64"})
+    assert (ours["max_batch_size"], ours["num_blocks"]) == ("64", "64")
+    share = modelbuild.with_engine_defaults(HF, "fp16", "cuda", {"gpu_utilization_factor": "0.3"})
+    assert "num_blocks" not in share
+    assert modelbuild.with_engine_defaults(HF, "int8", "cuda", {}) == {}
+    assert modelbuild.with_engine_defaults(HF, "fp16", "cpu", {}) == {}
+    off = {"use_paged_attention": "false"}
+    assert modelbuild.with_engine_defaults(HF, "fp16", "cuda", off) == off
+
+    lines: list[str] = []
+    out = build_model(HF, tmp_path / "demo-cuda", "fp16", "cuda", {}, lines.append)
+    assert any(line.startswith("engine options: use_paged_attention=true") for line in lines)
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["engine"]["dynamic_batching"] == {
+        "block_size": 256,
+        "max_batch_size": 128,
+        "num_blocks": 128,
+        "max_scheduled_tokens": 16384,
+    }
+    decoder = config["model"]["decoder"]
+    assert "logits_indices" in decoder["inputs"]  # the pruned LM head
+    assert decoder["session_options"]["provider_options"] == [{"cuda": {"enable_cuda_graph": "1"}}]

@@ -215,19 +215,21 @@ async def test_admission_never_exceeds_max_batch(make_engine: EngineFactory) -> 
     assert correct >= 18
 
 
-async def test_max_tokens_ends_with_length(make_engine: EngineFactory) -> None:
-    engine = await make_engine()
+@pytest.mark.parametrize("mode", ["auto", "generator"])
+async def test_max_tokens_ends_with_length(make_engine: EngineFactory, mode: Mode) -> None:
+    engine = await make_engine(mode=mode)
     gen = await engine.generate(request("Uppercase: abcdefgh", SamplingParams(max_tokens=3)))
     assert gen.finish_reason == "length"
     assert len(gen.output_ids) == 3
     assert answer(gen) == "ABC"
 
 
-async def test_stop_string_ends_generation_early(make_engine: EngineFactory) -> None:
+@pytest.mark.parametrize("mode", ["auto", "generator"])
+async def test_stop_string_ends_generation_early(make_engine: EngineFactory, mode: Mode) -> None:
     """Stop strings end generation early, also on a model built without dynamic batching (every
     CPU/INT8 model, the demo included), where og.Engine refuses them and the engine watches the
     decoded text itself."""
-    engine = await make_engine(stall_s=1.5)
+    engine = await make_engine(stall_s=1.5, mode=mode)
     full = answer(await engine.generate(request("Spell 721 in Zorbish")))
     assert full == "fen vek tam"
 
@@ -327,10 +329,13 @@ async def test_slow_steps_are_not_a_stall(make_engine: EngineFactory) -> None:
     assert engine.broken is None
 
 
-async def test_a_bad_request_does_not_kill_the_engine(make_engine: EngineFactory) -> None:
+@pytest.mark.parametrize("mode", ["auto", "generator"])
+async def test_a_bad_request_does_not_kill_the_engine(
+    make_engine: EngineFactory, mode: Mode
+) -> None:
     """A request the engine refuses at admission (here a prompt longer than the context) fails
     alone and at once; the engine keeps serving."""
-    engine = await make_engine(stall_s=1.0)
+    engine = await make_engine(stall_s=1.0, mode=mode)
     too_long = GenerationRequest("long", [97] * (TEXT.context_length + 44), GREEDY)
 
     t0 = time.monotonic()
@@ -381,27 +386,70 @@ async def test_waiting_gauge_returns_to_zero_after_a_cancel(make_engine: EngineF
 # ---- the og.Generator path -------------------------------------------------------------------
 
 
-async def test_generator_mode_answers_like_the_engine(make_engine: EngineFactory) -> None:
-    batched = await make_engine()
-    single = await make_engine(mode="generator")
-    assert single.max_batch == 1
+async def test_generator_mode_batches_and_answers_like_the_engine(
+    make_engine: EngineFactory,
+) -> None:
+    """og.Generator static batches (the path for CUDA models without paged attention): prompts
+    of different lengths share a batch (right-padded) and get the same greedy answers."""
+    engine = await make_engine()
+    batched = await make_engine(mode="generator")
+    assert batched.max_batch == 32  # og.Generator's limit
     requests = [request(ex.question) for ex in QUESTIONS]
+    assert len({len(r.input_ids) for r in requests}) > 1
 
-    expected = await generate_all(batched, requests)
-    gens = await generate_all(single, requests)
+    expected = await generate_all(engine, requests)
+    gens = await generate_all(batched, requests)
 
     assert [g.output_ids for g in gens] == [g.output_ids for g in expected]
-    correct = sum(
-        task.check(ex.question, answer(g))
-        for ex, g in zip(QUESTIONS[: len(gens)], gens, strict=True)
-    )
-    assert correct >= 0.9 * len(QUESTIONS)
     assert all(g.finish_reason == "stop" for g in gens)
-    assert single.max_active_seen <= 1
-    # one at a time: each later request waited for the ones before it
+    assert batched.max_active_seen > 4  # more together than og.Engine runs on this model
+    correct = sum(task.check(ex.question, answer(g)) for ex, g in zip(QUESTIONS, gens, strict=True))
+    assert correct >= 0.9 * len(QUESTIONS)
+    await asyncio.sleep(0.05)
+    assert sample(batched.metrics_running, "sluice_engine_running_requests") == 0
+
+
+async def test_generator_mode_one_at_a_time(make_engine: EngineFactory) -> None:
+    single = await make_engine(mode="generator", max_batch=1)
+    gens = await generate_all(single, [request(ex.question) for ex in QUESTIONS[:8]])
+    assert single.max_active_seen == 1
+    # one at a time: the last request waited for the ones before it
     assert max(g.queue_s for g in gens) > max(g.compute_s for g in gens)
-    cut = await single.generate(request("Uppercase: abcdefgh", SamplingParams(max_tokens=3)))
-    assert (cut.finish_reason, answer(cut)) == ("length", "ABC")
+
+
+async def test_generator_mode_batches_only_alike_sampling(make_engine: EngineFactory) -> None:
+    """One generator has one set of search options: sampled requests run in their own batch,
+    greedy ones keep their exact answers."""
+    engine = await make_engine(mode="generator")
+    greedy = [request(ex.question) for ex in QUESTIONS[:6]]
+    sampled = [
+        request(ex.question, SamplingParams(max_tokens=24, temperature=0.8, seed=7))
+        for ex in QUESTIONS[6:12]
+    ]
+    gens = await generate_all(
+        engine, [r for pair in zip(greedy, sampled, strict=True) for r in pair]
+    )
+    greedy_gens = gens[0::2]
+    assert all(g.output_ids for g in gens)
+    correct = sum(
+        task.check(ex.question, answer(g)) for ex, g in zip(QUESTIONS[:6], greedy_gens, strict=True)
+    )
+    assert correct >= 5
+    assert engine.max_active_seen <= 6
+
+
+async def test_generator_mode_cancel_ends_a_batch_early(make_engine: EngineFactory) -> None:
+    engine = await make_engine(mode="generator")
+    long_request = GenerationRequest("long", TEXT.encode("abc"), SamplingParams(max_tokens=240))
+    long = asyncio.create_task(engine.generate(long_request))
+    while engine._active == 0:  # noqa: ASYNC110 - the engine thread sets it: wait for the batch
+        await asyncio.sleep(0.001)
+    long.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await long
+    gen = await asyncio.wait_for(engine.generate(request("Reverse: abcde")), 5)
+    assert answer(gen) == "edcba"
+    assert engine.broken is None
 
 
 # ---- start-up failures -----------------------------------------------------------------------
@@ -421,3 +469,16 @@ async def test_start_without_the_onnx_file_fails_clearly(tmp_path: Path) -> None
     with pytest.raises(FatalError, match=r"model\.onnx"):
         await asyncio.wait_for(engine.start(), 10)
     await asyncio.wait_for(engine.close(), 5)
+
+
+def test_auto_mode_picks_the_path_the_model_was_built_for() -> None:
+    """og.Engine where it batches (paged attention) or on CPU; static og.Generator batches for
+    a CUDA model without paged attention, where og.Engine would run 4 at a time."""
+    from stages.engines.onnx import _on_cuda
+
+    def config(provider: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"model": {"decoder": {"session_options": {"provider_options": provider}}}}
+
+    assert _on_cuda(config([{"cuda": {"enable_cuda_graph": "1"}}]))
+    assert not _on_cuda(config([]))
+    assert not _on_cuda({"model": {"decoder": {}}})
