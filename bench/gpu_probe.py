@@ -35,10 +35,10 @@ def _batching(**kw: Any) -> dict[str, Any]:
 
 
 VARIANTS: dict[str, tuple[str, str, dict[str, Any], list[int]]] = {
-    "fast": ("engine", "fp16-fast", {}, [1, 16, 64, 128]),
-    "fast-fused": ("engine", "fp16-fast-fused", {}, [1, 16, 64, 128]),
-    "fast-engines2": ("engines2", "fp16-fast", {}, [64, 128, 256]),
-    "fast-sched8k": ("engine", "fp16-fast", _batching(max_scheduled_tokens=8192), [64, 128]),
+    # fp16-sluice: what `sluice model build --precision fp16 --device cuda` makes
+    "sluice": ("engine", "fp16-sluice", {}, [1, 16, 64, 128]),
+    "sluice-engines2": ("engines2", "fp16-sluice", {}, [64, 128, 256]),
+    "sluice-sched8k": ("engine", "fp16-sluice", _batching(max_scheduled_tokens=8192), [64, 128]),
     # name: (kind, build folder, genai_config overlay, batch sizes / request counts)
     "engine-graph": ("engine", "fp16-paged", GRAPH, [1, 64, 128]),
     "engine-nograph": ("engine", "fp16-paged", {}, [128]),

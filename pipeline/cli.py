@@ -224,7 +224,9 @@ def model_build(
 ) -> None:
     """Build an ONNX model folder with onnxruntime-genai's model builder (train extra).
 
-    Continuous batching (CUDA, fp16) needs: --extra-option use_paged_attention=true
+    CUDA fp16 builds get og.Engine's continuous-batching options (paged attention, pruned LM
+    head, CUDA graphs, a pinned KV cache); --extra-option overrides them, and
+    --extra-option use_paged_attention=false drops them.
     """
     from pathlib import Path
 

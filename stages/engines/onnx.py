@@ -2,9 +2,10 @@
 
 ``og.Engine`` (continuous batching) is driven by one thread: it admits queued requests up to the
 engine's batch capacity (more would stall it: DESIGN.md "Compute"), runs one scheduling step at
-a time, and hands every step's events back to the event loop in a single callback (one
-cross-thread hop per step, not per token). Requests join and leave the running batch as they
-arrive and finish. Where ``og.Engine`` is missing, ``og.Generator`` runs one request at a time.
+a time, and hands the requests that finished back to the event loop in one callback (no
+cross-thread hop per step or per token). Requests join and leave the running batch as they
+arrive and finish. A CUDA model without paged attention (INT8/INT4) runs as static
+``og.Generator`` batches of up to 32 requests that sample alike, right-padded.
 
 A watchdog on the event loop treats "requests in flight but no token for ``stall_s``" as a
 stall (an out-of-memory inside a step loops without raising): every waiting request fails as a
@@ -492,6 +493,7 @@ class OnnxEngine:
                 live = still
                 if finished:
                     self._post(self._deliver, finished, len(live), len(waiting))
+                    finished = []
                 if not self._drain_inbox(waiting, {}, block=False):
                     return False
         except RuntimeError as exc:  # a model error (e.g. out of memory): a fault for the breaker
