@@ -4,8 +4,8 @@
 engine's batch capacity (more would stall it: DESIGN.md "Compute"), runs one scheduling step at
 a time, and hands the requests that finished back to the event loop in one callback (no
 cross-thread hop per step or per token). Requests join and leave the running batch as they
-arrive and finish. A CUDA model without paged attention (INT8/INT4) runs as static
-``og.Generator`` batches of up to 32 requests that sample alike, right-padded.
+arrive and finish. A model built without paged attention (INT8/INT4, CPU builds) runs as
+static ``og.Generator`` batches of up to 32 requests that sample alike, right-padded.
 
 A watchdog on the event loop treats "requests in flight but no token for ``stall_s``" as a
 stall (an out-of-memory inside a step loops without raising): every waiting request fails as a
@@ -208,7 +208,7 @@ class OnnxEngine:
         self._context = int(genai["model"].get("context_length", 2048))
         dynamic = "dynamic_batching" in genai.get("engine", {})
         self._tokenizer = og.Tokenizer(self._model)
-        if self.mode == "engine" or (self.mode == "auto" and (dynamic or not _on_cuda(genai))):
+        if self.mode == "engine" or (self.mode == "auto" and dynamic):
             self._engine = og.Engine(self._model)
             self._native_stops = dynamic
             capacity = int(self._engine.get_capabilities().configured_max_batch_size) or 1
@@ -221,8 +221,9 @@ class OnnxEngine:
                 time.monotonic() - t0,
             )
             return self._engine_loop
-        # A CUDA model built without paged attention: og.Engine would run it 4 sequences at a
-        # time, og.Generator runs static batches of up to 32 (DESIGN.md "Compute").
+        # A model built without paged attention (INT8/INT4, every CPU build): og.Engine would
+        # run it 4 sequences at a time, og.Generator runs static batches of up to 32 (DESIGN.md
+        # "Compute"; 1.4x og.Engine at 64 requests on CPU, 9x on the H200: docs/BENCHMARKS.md).
         pad = genai["model"].get("pad_token_id", next(iter(self._eos), 0))
         self._pad = int(pad[0] if isinstance(pad, list) else pad)
         self.max_batch = min(STATIC_BATCH_LIMIT, self.requested_batch or STATIC_BATCH_LIMIT)
@@ -568,12 +569,6 @@ def _sampling_key(job: _Job) -> tuple[Any, ...]:
     if not s.temperature:
         return ("greedy",)
     return (s.temperature, s.top_p, s.top_k, s.seed)
-
-
-def _on_cuda(genai: dict[str, Any]) -> bool:
-    """The model's genai_config asks for the CUDA execution provider."""
-    options = genai["model"]["decoder"].get("session_options", {}).get("provider_options", [])
-    return any("cuda" in entry for entry in options)
 
 
 def _set_result(future: asyncio.Future[None], value: None) -> None:

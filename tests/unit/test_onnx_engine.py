@@ -129,6 +129,7 @@ async def make_engine() -> AsyncIterator[EngineFactory]:
 
     async def make(cls: type[OnnxEngine] = OnnxEngine, **kwargs: Any) -> OnnxEngine:
         kwargs.setdefault("threads", 1)
+        kwargs.setdefault("mode", "engine")  # og.Engine unless a test asks for another path
         engine = cls(kwargs.pop("path", INT8), **kwargs)
         engines.append(engine)
         await asyncio.wait_for(engine.start(), 30)
@@ -215,7 +216,7 @@ async def test_admission_never_exceeds_max_batch(make_engine: EngineFactory) -> 
     assert correct >= 18
 
 
-@pytest.mark.parametrize("mode", ["auto", "generator"])
+@pytest.mark.parametrize("mode", ["engine", "generator"])
 async def test_max_tokens_ends_with_length(make_engine: EngineFactory, mode: Mode) -> None:
     engine = await make_engine(mode=mode)
     gen = await engine.generate(request("Uppercase: abcdefgh", SamplingParams(max_tokens=3)))
@@ -224,7 +225,7 @@ async def test_max_tokens_ends_with_length(make_engine: EngineFactory, mode: Mod
     assert answer(gen) == "ABC"
 
 
-@pytest.mark.parametrize("mode", ["auto", "generator"])
+@pytest.mark.parametrize("mode", ["engine", "generator"])
 async def test_stop_string_ends_generation_early(make_engine: EngineFactory, mode: Mode) -> None:
     """Stop strings end generation early, also on a model built without dynamic batching (every
     CPU/INT8 model, the demo included), where og.Engine refuses them and the engine watches the
@@ -329,7 +330,7 @@ async def test_slow_steps_are_not_a_stall(make_engine: EngineFactory) -> None:
     assert engine.broken is None
 
 
-@pytest.mark.parametrize("mode", ["auto", "generator"])
+@pytest.mark.parametrize("mode", ["engine", "generator"])
 async def test_a_bad_request_does_not_kill_the_engine(
     make_engine: EngineFactory, mode: Mode
 ) -> None:
@@ -455,7 +456,7 @@ async def test_generator_mode_cancel_ends_a_batch_early(make_engine: EngineFacto
 # ---- start-up failures -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["auto", "generator"])
+@pytest.mark.parametrize("mode", ["engine", "generator"])
 async def test_start_without_a_model_fails_clearly(tmp_path: Path, mode: Mode) -> None:
     engine = OnnxEngine(tmp_path, threads=1, mode=mode)
     with pytest.raises(FatalError, match=r"genai_config\.json"):
@@ -471,14 +472,14 @@ async def test_start_without_the_onnx_file_fails_clearly(tmp_path: Path) -> None
     await asyncio.wait_for(engine.close(), 5)
 
 
-def test_auto_mode_picks_the_path_the_model_was_built_for() -> None:
-    """og.Engine where it batches (paged attention) or on CPU; static og.Generator batches for
-    a CUDA model without paged attention, where og.Engine would run 4 at a time."""
-    from stages.engines.onnx import _on_cuda
-
-    def config(provider: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"model": {"decoder": {"session_options": {"provider_options": provider}}}}
-
-    assert _on_cuda(config([{"cuda": {"enable_cuda_graph": "1"}}]))
-    assert not _on_cuda(config([]))
-    assert not _on_cuda({"model": {"decoder": {}}})
+async def test_auto_mode_picks_the_path_the_model_was_built_for(
+    make_engine: EngineFactory,
+) -> None:
+    """og.Engine where it batches (a model built with paged attention); static og.Generator
+    batches for the rest, the demo included, where og.Engine would run 4 at a time."""
+    auto = await make_engine(mode="auto")
+    assert auto.max_batch == 32
+    gens = await generate_all(auto, [request(ex.question) for ex in QUESTIONS[:8]])
+    assert all(g.finish_reason == "stop" for g in gens)
+    forced = await make_engine(mode="engine")
+    assert forced.max_batch == 4  # og.Engine's capacity without paged attention
