@@ -156,6 +156,8 @@ def with_overlay(
     src: Path, dst: Path, provider_options: dict[str, str], batching: dict[str, Any] | None = None
 ) -> Path:
     """A copy of a built folder (model files linked) whose CUDA provider options differ."""
+    if not (src / "genai_config.json").exists():  # that build was not made: nothing to copy
+        return dst
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         target = dst / f.name
@@ -174,7 +176,8 @@ def with_overlay(
 async def measure_engine(folder: Path, copies: int = 1) -> list[dict[str, float]]:
     from stages.engines.onnx import OnnxEngine
 
-    engines = [OnnxEngine(folder, stall_s=120) for _ in range(copies)]
+    threads = int(os.environ.get("BENCH_ENGINE_THREADS", "0"))  # onnxruntime intra-op threads
+    engines = [OnnxEngine(folder, stall_s=120, threads=threads) for _ in range(copies)]
     for e in engines:
         await e.start()
     try:
@@ -418,11 +421,16 @@ def measure(work: Path, out: Path, parts: set[str]) -> None:
         {"gpu_utilization_factor": 0.1},
     )
     sluice = work / "fp16-sluice"
+    sluice8k = with_overlay(sluice, work / "fp16-sluice-8k", {}, {"max_scheduled_tokens": 8192})
     int8_graph = with_overlay(work / "int8", work / "int8-graph", {"enable_cuda_graph": "1"})
     steps: dict[str, tuple[str, Callable[[], Any]]] = {
         "cold-sluice": ("cold_start_fp16_sluice_s", lambda: cold_start(sluice)),
         "sluice": ("engine_fp16_sluice", lambda: asyncio.run(measure_engine(sluice))),
         "raw-sluice": ("raw_og_engine_fp16_sluice", lambda: measure_raw(sluice)),
+        "sluice8k": (
+            "engine_fp16_sluice_sched8k",
+            lambda: asyncio.run(measure_engine(sluice8k)),
+        ),
         "sluice-generator": (
             "engine_fp16_static_generator",
             lambda: asyncio.run(measure_engine(work / "fp16")),

@@ -34,6 +34,7 @@ from stages.engines.base import Generation, GenerationRequest
 log = logging.getLogger(__name__)
 
 _STOP, _CANCEL = object(), object()
+SETTLE_S = 0.002  # how long an idle engine waits for the rest of a burst of submissions
 STATIC_BATCH_LIMIT = 32  # og.Generator refuses batch_size > 32 (onnxruntime-genai 0.18)
 
 
@@ -256,6 +257,8 @@ class OnnxEngine:
             block = not running and not waiting
             if not self._drain_inbox(waiting, running, block):
                 return
+            if block and waiting and not self._settle(waiting, running):
+                return
             finished: list[tuple[_Job, Generation | BaseException]] = []
             if waiting and len(running) < self.max_batch:
                 self._admit_waiting(waiting, running, finished)
@@ -303,6 +306,20 @@ class OnnxEngine:
             if finished or (now - reported > 0.25 and (running or waiting)):
                 reported = now
                 self._post(self._deliver, finished, len(running), len(waiting))
+
+    def _settle(self, waiting: list[_Job], running: dict[int, _Job]) -> bool:
+        """Woken from idle by a submission: let the rest of a burst land (at most ``SETTLE_S``,
+        ending as soon as 0.2 ms pass with nothing new) so that it starts as one step, one
+        prefill, not a trickle of them. False on stop."""
+        deadline = time.monotonic() + SETTLE_S
+        while time.monotonic() < deadline:
+            before = len(waiting)
+            time.sleep(0.0002)
+            if not self._drain_inbox(waiting, running, block=False):
+                return False
+            if len(waiting) == before:
+                break
+        return True
 
     def _admit_waiting(
         self,
