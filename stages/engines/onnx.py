@@ -84,6 +84,8 @@ class OnnxEngine:
         self._active = 0
         self._last_progress = time.monotonic()
         self.max_active_seen = 0
+        self.settle_s = SETTLE_S  # an idle engine's wait for the rest of a burst (og.Engine)
+        self.settle_quiet_s = 0.0002  # ... which ends once this passes with nothing new
         self.metrics_running = Gauge(
             "sluice_engine_running_requests", "Requests in the engine's batch.", registry=None
         )
@@ -308,13 +310,13 @@ class OnnxEngine:
                 self._post(self._deliver, finished, len(running), len(waiting))
 
     def _settle(self, waiting: list[_Job], running: dict[int, _Job]) -> bool:
-        """Woken from idle by a submission: let the rest of a burst land (at most ``SETTLE_S``,
-        ending as soon as 0.2 ms pass with nothing new) so that it starts as one step, one
-        prefill, not a trickle of them. False on stop."""
-        deadline = time.monotonic() + SETTLE_S
+        """Woken from idle by a submission: let the rest of a burst land (at most ``settle_s``,
+        ending as soon as ``settle_quiet_s`` passes with nothing new) so that it starts as one
+        step, one prefill, not a trickle of them. False on stop."""
+        deadline = time.monotonic() + self.settle_s
         while time.monotonic() < deadline:
             before = len(waiting)
-            time.sleep(0.0002)
+            time.sleep(self.settle_quiet_s)
             if not self._drain_inbox(waiting, running, block=False):
                 return False
             if len(waiting) == before:
