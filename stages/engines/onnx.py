@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 _STOP, _CANCEL = object(), object()
 SETTLE_S = 0.002  # how long an idle engine waits for the rest of a burst of submissions
 STATIC_BATCH_LIMIT = 32  # og.Generator refuses batch_size > 32 (onnxruntime-genai 0.18)
+MAX_STATIC_BATCHES = 4  # static batches stepped in turn, so late arrivals need not wait
 
 
 @dataclass(eq=False)
@@ -51,6 +52,16 @@ class _Job:
     stream: Any = None  # incremental detokenizer, only where we check stop strings ourselves
     text: str = ""
     stopped: bool = False
+
+
+@dataclass(eq=False)
+class _StaticBatch:
+    """One og.Generator over ``jobs``; ``live`` holds the rows still generating."""
+
+    jobs: list[_Job]
+    limits: list[int]  # new tokens each row may make
+    generator: Any
+    live: list[int]
 
 
 class OnnxEngine:
@@ -413,117 +424,141 @@ class OnnxEngine:
             waiting.append(item)
 
     def _generator_loop(self) -> None:
-        """Static batches with ``og.Generator``: requests that sample alike run together."""
+        """Static batches with ``og.Generator``: requests that sample alike run together.
+
+        Up to ``MAX_STATIC_BATCHES`` batches run at once, stepped in turn. A request that
+        arrives while a batch runs starts at once in a batch of its own, instead of waiting for
+        that batch to end, as long as at least half of ``max_batch`` rows are free (``max_batch``
+        bounds the rows of all batches together).
+        """
         waiting: list[_Job] = []
+        batches: list[_StaticBatch] = []
+        reported = 0.0
         while True:
-            if not self._drain_inbox(waiting, {}, block=not waiting):
+            idle = not batches and not waiting
+            if not self._drain_inbox(waiting, {}, block=idle):
+                return
+            if idle and waiting and not self._settle(waiting, {}):
                 return
             waiting[:] = [j for j in waiting if not j.future.done()]
-            if waiting and not self._run_batch(self._take_batch(waiting), waiting):
-                return
+            finished: list[tuple[_Job, Generation | BaseException]] = []
+            while waiting and len(batches) < MAX_STATIC_BATCHES:
+                jobs = self._take_batch(waiting, batches)
+                if not jobs:
+                    break
+                started = self._start_batch(jobs, finished)
+                if started is not None:
+                    batches.append(started)
+            for batch in list(batches):
+                self._step_batch(batch, finished)
+                if not batch.live:
+                    batches.remove(batch)
+            self._active = sum(len(b.live) for b in batches)
+            self.max_active_seen = max(self.max_active_seen, self._active)
+            now = time.monotonic()
+            if finished or (now - reported > 0.25 and (batches or waiting)):
+                reported = now
+                self._post(self._deliver, finished, self._active, len(waiting))
 
-    def _take_batch(self, waiting: list[_Job]) -> list[_Job]:
-        """The oldest waiting request and the next ones that sample like it, up to the batch
-        limit and the token budget (one generator has one set of search options)."""
+    def _take_batch(self, waiting: list[_Job], batches: list[_StaticBatch]) -> list[_Job]:
+        """The oldest waiting request and the next ones that sample like it (one generator has
+        one set of search options), within the rows and token budget the running batches
+        leave (a request alone is always taken, or it would wait forever)."""
+        rows = self.max_batch - sum(len(b.live) for b in batches)
+        if batches and rows < max(1, self.max_batch // 2):
+            return []  # every step of every batch costs a forward pass: no slivers of batches
+        held = sum(self._cost(b.jobs[i]) for b in batches for i in b.live)
         key = _sampling_key(waiting[0])
         batch: list[_Job] = []
-        held = 0
         for job in list(waiting):
-            if len(batch) == self.max_batch:
+            if len(batch) >= min(rows, STATIC_BATCH_LIMIT):
                 break
             cost = self._cost(job)
-            if _sampling_key(job) != key or (
-                batch and self.token_budget and held + cost > self.token_budget
-            ):
+            if _sampling_key(job) != key:
                 continue
+            if self.token_budget and held and held + cost > self.token_budget:
+                break
             batch.append(job)
             held += cost
             waiting.remove(job)
         return batch
 
-    def _run_batch(self, batch: list[_Job], waiting: list[_Job]) -> bool:
-        """Generate for ``batch`` (prompts right-padded with the pad token, which og.Generator
-        masks) and hand each request back as soon as it ends; False once asked to stop."""
-        og = self._og
-        finished: list[tuple[_Job, Generation | BaseException]] = []
-        for job in list(batch):
+    def _start_batch(
+        self, jobs: list[_Job], finished: list[tuple[_Job, Generation | BaseException]]
+    ) -> _StaticBatch | None:
+        """Prefill ``jobs`` as one generator (prompts right-padded with the pad token, which
+        og.Generator masks); None when none of them could start."""
+        for job in list(jobs):
             if len(job.request.input_ids) >= self._context:
-                batch.remove(job)
-                finished.append(
-                    (
-                        job,
-                        InvalidInput(
-                            f"prompt of {len(job.request.input_ids)} tokens leaves no room in the "
-                            f"model's context of {self._context}",
-                            reason="context-length",
-                            param="messages",
-                        ),
-                    )
+                jobs.remove(job)
+                refused = InvalidInput(
+                    f"prompt of {len(job.request.input_ids)} tokens leaves no room in the "
+                    f"model's context of {self._context}",
+                    reason="context-length",
+                    param="messages",
                 )
-        if not batch:
-            self._post(self._deliver, finished, 0, len(waiting))
-            return True
-        width = max(len(j.request.input_ids) for j in batch)
+                finished.append((job, refused))
+        if not jobs:
+            return None
+        width = max(len(j.request.input_ids) for j in jobs)
         room = self._context - width
-        limits = [min(j.request.sampling.max_tokens or room, room) for j in batch]
-        ids = np.full((len(batch), width), self._pad, dtype=np.int32)
+        limits = [min(j.request.sampling.max_tokens or room, room) for j in jobs]
+        ids = np.full((len(jobs), width), self._pad, dtype=np.int32)
         started = time.monotonic()
-        for row, job in enumerate(batch):
+        for row, job in enumerate(jobs):
             ids[row, : len(job.request.input_ids)] = job.request.input_ids
             job.started = started
             if job.request.sampling.stop:
                 job.stream = self._tokenizer.create_stream()
-        self._active = len(batch)
-        self.max_active_seen = max(self.max_active_seen, len(batch))
-        self._post(self._deliver, finished, len(batch), len(waiting))
-        live = list(range(len(batch)))
         try:
-            generator = og.Generator(
-                self._model, self._params(batch[0], len(batch), width + max(limits))
-            )
+            params = self._params(jobs[0], len(jobs), width + max(limits))
+            generator = self._og.Generator(self._model, params)
             generator.append_tokens(ids)
-            while live:
-                if generator.is_done():  # every row reached max_length
-                    now = time.monotonic()
-                    finished = [(batch[i], self._generation(batch[i], "length", now)) for i in live]
-                    live = []
-                    break
-                generator.generate_next_token()
-                tokens = generator.get_next_tokens()
+        except RuntimeError as exc:  # a model error (e.g. out of memory): a fault
+            finished.extend((job, _generator_fault(exc)) for job in jobs)
+            return None
+        return _StaticBatch(jobs, limits, generator, list(range(len(jobs))))
+
+    def _step_batch(
+        self, batch: _StaticBatch, finished: list[tuple[_Job, Generation | BaseException]]
+    ) -> None:
+        """One token for every live row of ``batch``; rows that end are appended to
+        ``finished`` and leave ``batch.live``."""
+        jobs = batch.jobs
+        try:
+            if batch.generator.is_done():  # every row reached max_length
                 now = time.monotonic()
-                self._last_progress = now
-                finished = []
-                still = []
-                for row in live:
-                    job = batch[row]
-                    if job.future.done():  # cancelled: its row runs on, unread
-                        continue
-                    token = int(tokens[row])
-                    job.first_token = job.first_token or now
-                    if token in self._eos:
-                        finished.append((job, self._generation(job, "EOS", now)))
-                        continue
-                    job.tokens.append(token)
-                    if job.stream is not None and self._hit_stop(job, token):
-                        finished.append((job, self._generation(job, "STOP_STRING", now)))
-                    elif len(job.tokens) >= limits[row]:
-                        finished.append((job, self._generation(job, "length", now)))
-                    else:
-                        still.append(row)
-                live = still
-                if finished:
-                    self._post(self._deliver, finished, len(live), len(waiting))
-                    finished = []
-                if not self._drain_inbox(waiting, {}, block=False):
-                    return False
-        except RuntimeError as exc:  # a model error (e.g. out of memory): a fault for the breaker
-            fault = StageFault(
-                f"generator failed: {type(exc).__name__}: {exc}", reason="engine-error"
-            )
-            finished = [(batch[row], fault) for row in live]
-        self._active = 0
-        self._post(self._deliver, finished, 0, len(waiting))
-        return True
+                finished.extend(
+                    (jobs[i], self._generation(jobs[i], "length", now)) for i in batch.live
+                )
+                batch.live = []
+                return
+            batch.generator.generate_next_token()
+            tokens = batch.generator.get_next_tokens()
+        except RuntimeError as exc:
+            finished.extend((jobs[i], _generator_fault(exc)) for i in batch.live)
+            batch.live = []
+            return
+        now = time.monotonic()
+        self._last_progress = now
+        still = []
+        for row in batch.live:
+            job = jobs[row]
+            if job.future.done():  # cancelled: its row runs on, unread
+                continue
+            token = int(tokens[row])
+            job.first_token = job.first_token or now
+            if token in self._eos:
+                finished.append((job, self._generation(job, "EOS", now)))
+                continue
+            job.tokens.append(token)
+            if job.stream is not None and self._hit_stop(job, token):
+                finished.append((job, self._generation(job, "STOP_STRING", now)))
+            elif len(job.tokens) >= batch.limits[row]:
+                finished.append((job, self._generation(job, "length", now)))
+            else:
+                still.append(row)
+        batch.live = still
 
     def _params(self, job: _Job, batch_size: int, max_length: int) -> Any:
         s = job.request.sampling
@@ -580,6 +615,10 @@ class OnnxEngine:
             self.metrics_ttft.observe(result.ttft_s)
             self.metrics_queue.observe(result.queue_s)
             job.future.set_result(result)
+
+
+def _generator_fault(exc: RuntimeError) -> StageFault:
+    return StageFault(f"generator failed: {type(exc).__name__}: {exc}", reason="engine-error")
 
 
 def _sampling_key(job: _Job) -> tuple[Any, ...]:

@@ -24,7 +24,7 @@ from pipeline.config import REPO_ROOT
 from pipeline.errors import FatalError, SluiceError, StageFault
 from schemas.messages import SamplingParams
 from stages.engines.base import Generation, GenerationRequest
-from stages.engines.onnx import OnnxEngine
+from stages.engines.onnx import OnnxEngine, _sampling_key
 from stages.text import TextModel
 
 INT8 = REPO_ROOT / "models" / "demo" / "cpu-int8"
@@ -441,25 +441,54 @@ async def test_generator_mode_one_at_a_time(make_engine: EngineFactory) -> None:
     assert max(g.queue_s for g in gens) > max(g.compute_s for g in gens)
 
 
+class RecordingEngine(OnnxEngine):
+    """OnnxEngine that records the sampling keys of every static batch it starts."""
+
+    def __init__(self, model_path: Path, **kwargs: Any) -> None:
+        super().__init__(model_path, **kwargs)
+        self.batch_keys: list[set[tuple[Any, ...]]] = []
+
+    def _start_batch(self, jobs: list[Any], finished: list[Any]) -> Any:
+        self.batch_keys.append({_sampling_key(j) for j in jobs})
+        return super()._start_batch(jobs, finished)
+
+
 async def test_generator_mode_batches_only_alike_sampling(make_engine: EngineFactory) -> None:
     """One generator has one set of search options: sampled requests run in their own batch,
     greedy ones keep their exact answers."""
-    engine = await make_engine(mode="generator")
+    engine = await make_engine(RecordingEngine, mode="generator")
+    assert isinstance(engine, RecordingEngine)
     greedy = [request(ex.question) for ex in QUESTIONS[:6]]
     sampled = [
         request(ex.question, SamplingParams(max_tokens=24, temperature=0.8, seed=7))
         for ex in QUESTIONS[6:12]
     ]
-    gens = await generate_all(
-        engine, [r for pair in zip(greedy, sampled, strict=True) for r in pair]
-    )
-    greedy_gens = gens[0::2]
+    mixed = [r for pair in zip(greedy, sampled, strict=True) for r in pair]
+    gens = await generate_all(engine, mixed)
     assert all(g.output_ids for g in gens)
     correct = sum(
-        task.check(ex.question, answer(g)) for ex, g in zip(QUESTIONS[:6], greedy_gens, strict=True)
+        task.check(ex.question, answer(g)) for ex, g in zip(QUESTIONS[:6], gens[0::2], strict=True)
     )
     assert correct >= 5
-    assert engine.max_active_seen <= 6
+    started = engine.batch_keys[1:]  # after the warm-up
+    assert len(started) >= 2 and all(len(keys) == 1 for keys in started), started
+
+
+async def test_generator_mode_late_arrivals_do_not_wait_for_a_running_batch(
+    make_engine: EngineFactory,
+) -> None:
+    """A request that arrives while a long batch runs starts in a batch of its own, stepped in
+    turn with the first, and is answered long before that one ends."""
+    engine = await make_engine(mode="generator")
+    long_request = GenerationRequest("long", TEXT.encode("abc"), SamplingParams(max_tokens=240))
+    long = asyncio.create_task(engine.generate(long_request))
+    while engine._active == 0:  # noqa: ASYNC110 - the engine thread sets it: wait for the batch
+        await asyncio.sleep(0.001)
+    gen = await asyncio.wait_for(engine.generate(request("Reverse: abcde")), 5)
+    assert answer(gen) == "edcba"
+    assert not long.done()  # still generating its 240 tokens
+    assert engine.max_active_seen == 2
+    assert len((await asyncio.wait_for(long, 10)).output_ids) == 240
 
 
 async def test_generator_mode_cancel_ends_a_batch_early(make_engine: EngineFactory) -> None:
