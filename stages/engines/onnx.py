@@ -240,9 +240,12 @@ class OnnxEngine:
         # "Compute"; 1.4x og.Engine at 64 requests on CPU, 9x on the H200: docs/BENCHMARKS.md).
         pad = genai["model"].get("pad_token_id", next(iter(self._eos), 0))
         self._pad = int(pad[0] if isinstance(pad, list) else pad)
-        self.max_batch = min(STATIC_BATCH_LIMIT, self.requested_batch or STATIC_BATCH_LIMIT)
+        most = STATIC_BATCH_LIMIT * MAX_STATIC_BATCHES  # rows of all interleaved batches
+        self.max_batch = min(most, self.requested_batch or STATIC_BATCH_LIMIT)
         log.info(
-            "onnx engine: og.Generator static batches of up to %d on %s, loaded in %.2fs",
+            "onnx engine: og.Generator static batches of up to %d, %d rows in all, on %s, "
+            "loaded in %.2fs",
+            STATIC_BATCH_LIMIT,
             self.max_batch,
             self.model_path,
             time.monotonic() - t0,

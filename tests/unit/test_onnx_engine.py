@@ -417,7 +417,7 @@ async def test_generator_mode_batches_and_answers_like_the_engine(
     of different lengths share a batch (right-padded) and get the same greedy answers."""
     engine = await make_engine()
     batched = await make_engine(mode="generator")
-    assert batched.max_batch == 32  # og.Generator's limit
+    assert batched.max_batch == 32  # og.Generator's limit, by default the rows of all batches
     requests = [request(ex.question) for ex in QUESTIONS]
     assert len({len(r.input_ids) for r in requests}) > 1
 
@@ -488,6 +488,8 @@ async def test_generator_mode_late_arrivals_do_not_wait_for_a_running_batch(
     assert answer(gen) == "edcba"
     assert not long.done()  # still generating its 240 tokens
     assert engine.max_active_seen == 2
+    wider = await make_engine(mode="generator", max_batch=500)
+    assert wider.max_batch == 128  # 4 interleaved batches of og.Generator's 32
     assert len((await asyncio.wait_for(long, 10)).output_ids) == 240
 
 
