@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -28,6 +28,20 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: Headers
+
+    @classmethod
+    def of(cls, source: Any, timestamp_ms: int) -> Record:
+        """A copy of an aiokafka ``ConsumerRecord`` or an archived record (the same field names
+        but the timestamp's); ``None`` header values, which both allow, become ``b""``."""
+        return cls(
+            topic=source.topic,
+            partition=source.partition,
+            offset=source.offset,
+            timestamp_ms=timestamp_ms,
+            key=source.key,
+            value=source.value,
+            headers=[(k, v if v is not None else b"") for k, v in (source.headers or ())],
+        )
 
     @property
     def where(self) -> str:

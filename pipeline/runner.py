@@ -240,7 +240,7 @@ class StageRunner:
             for tp, messages in data.items():
                 if tp not in self._assigned:
                     continue
-                records = [_record(m) for m in messages]
+                records = [Record.of(m, m.timestamp) for m in messages]
                 epoch = self.tracker.add_many(tp, [r.offset for r in records])
                 self.metrics.consumed.labels(self.stage, tp.topic).inc(len(records))
                 units = (
@@ -544,18 +544,6 @@ def _propagate_degraded(record: Record, outputs: list[Output]) -> list[Output]:
         else Output(o.topic, o.key, o.value, [*o.headers, (SLUICE_DEGRADED, b"true")])
         for o in outputs
     ]
-
-
-def _record(message: Any) -> Record:
-    return Record(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        timestamp_ms=message.timestamp,
-        key=message.key,
-        value=message.value,
-        headers=[(k, v if v is not None else b"") for k, v in (message.headers or ())],
-    )
 
 
 async def run_stage(settings: Settings, handler: Handler) -> None:

@@ -57,15 +57,7 @@ class PromptReplayOptions:
 
 def prompt_request_id(record: ArchivedRecord) -> str:
     """The request id the pipeline gave (or will give) this prompt."""
-    return Record(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        timestamp_ms=record.timestamp_ms,
-        key=record.key,
-        value=record.value,
-        headers=[(k, v if v is not None else b"") for k, v in record.headers],
-    ).request_id()
+    return Record.of(record, record.timestamp_ms).request_id()
 
 
 def replay_headers(record: ArchivedRecord, request_id: str) -> HeaderList:
