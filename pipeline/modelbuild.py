@@ -163,8 +163,8 @@ def valid_combinations(source: Path | None = None) -> frozenset[tuple[str, str]]
 # ---- checks before the build ---------------------------------------------------------------
 
 
-def read_architecture(src: Path) -> str:
-    """The first of ``config.json``'s ``architectures``, which is what the builder dispatches on."""
+def read_config(src: Path) -> dict[str, Any]:
+    """``src/config.json``, the Hugging Face model config; a clear refusal if it is not one."""
     if not src.is_dir():
         raise BuildError(f"{src} is not a folder (expected a Hugging Face model folder)")
     path = src / "config.json"
@@ -177,9 +177,16 @@ def read_architecture(src: Path) -> str:
         config = json.loads(path.read_text("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BuildError(f"{path} is not valid JSON: {exc}") from exc
-    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def read_architecture(src: Path) -> str:
+    """The first of ``config.json``'s ``architectures``, which is what the builder dispatches on."""
+    architectures = read_config(src).get("architectures")
     if not isinstance(architectures, list) or not architectures:
-        raise BuildError(f"{path} names no architectures, so the builder cannot pick one")
+        raise BuildError(
+            f"{src / 'config.json'} names no architectures, so the builder cannot pick one"
+        )
     return str(architectures[0])
 
 
@@ -241,7 +248,7 @@ def with_engine_defaults(
     if device != "cuda" or precision != "fp16" or not paged or "config_only" in options:
         return options
     options = ENGINE_DEFAULTS | options
-    config = _read_config(src)
+    config = read_config(src)
     hidden = int(config.get("hidden_size", 0))
     heads = int(config.get("num_attention_heads", 0)) or 1
     head_size = int(config.get("head_dim") or hidden // heads)
@@ -253,14 +260,6 @@ def with_engine_defaults(
         block = int(options["paged_block_size"])
         options["num_blocks"] = str(-(-tokens // block))
     return options
-
-
-def _read_config(src: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((src / "config.json").read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BuildError(f"cannot read {src / 'config.json'}: {exc}") from exc
-    return config if isinstance(config, dict) else {}
 
 
 def builder_command(
