@@ -443,7 +443,6 @@ class OnnxEngine:
                 return
             if idle and waiting and not self._settle(waiting, {}):
                 return
-            waiting[:] = [j for j in waiting if not j.future.done()]
             finished: list[tuple[_Job, Generation | BaseException]] = []
             while waiting and len(batches) < MAX_STATIC_BATCHES:
                 jobs = self._take_batch(waiting, batches)
@@ -471,13 +470,17 @@ class OnnxEngine:
         if batches and rows < max(1, self.max_batch // 2):
             return []  # every step of every batch costs a forward pass: no slivers of batches
         held = sum(self._cost(b.jobs[i]) for b in batches for i in b.live)
+        while waiting and waiting[0].future.done():  # failed by the watchdog while it waited
+            waiting.pop(0)
+        if not waiting:
+            return []
         key = _sampling_key(waiting[0])
         batch: list[_Job] = []
         for job in list(waiting):
             if len(batch) >= min(rows, STATIC_BATCH_LIMIT):
                 break
             cost = self._cost(job)
-            if _sampling_key(job) != key:
+            if _sampling_key(job) != key or job.future.done():
                 continue
             if self.token_budget and held and held + cost > self.token_budget:
                 break
