@@ -309,30 +309,14 @@ def measure_processes(folder: Path, copies: int, total: int) -> dict[str, float]
 
 def measure_raw(folder: Path) -> list[dict[str, Any]]:
     """og.Engine driven by a bare Python loop (no Sluice): what the wrapper costs."""
-    import numpy as np
     import onnxruntime_genai as og
 
+    from bench.gpu_probe import engine_pass
+
     engine = og.Engine(og.Model(str(folder)))
-    token = int(og.EngineEventFlags.TOKEN.value)
 
     def one_pass(n: int) -> dict[str, float]:
-        buffer = engine.create_event_buffer(1024)
-        requests = []
-        t0 = time.perf_counter()
-        for p in prompts(n, seed=n):
-            req = engine.create_request()
-            opts = og.TurnOptions(req)
-            opts.set_max_generated_tokens(NEW)
-            req.begin_turn(np.asarray(p, dtype=np.int32), opts)
-            requests.append(req)
-        tokens = 0
-        while engine.has_pending_requests():
-            for event in engine.run(buffer):
-                if int(event.flags.value) & token:
-                    tokens += 1
-        wall = time.perf_counter() - t0
-        for req in requests:
-            req.close()
+        wall, tokens, *_ = engine_pass(engine, n)
         return {"requests": n, "tokens": tokens, "seconds": wall, "tok_s": tokens / wall}
 
     for n in CONCURRENCY:

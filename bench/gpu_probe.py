@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROMPT, NEW = 128, 128
+from bench.gpu_engine import NEW, PROMPT, prompts
+
 GRAPH = {"model": {"decoder": {"session_options": {"provider_options": [
     {"cuda": {"enable_cuda_graph": "1"}}]}}}}  # fmt: skip
 
@@ -67,8 +68,7 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any], list[int]]] = {
 def _prompts(n: int) -> Any:
     import numpy as np
 
-    rng = np.random.default_rng(n)
-    return rng.integers(1000, 100_000, size=(n, PROMPT)).astype(np.int32)
+    return np.asarray(prompts(n, seed=n), dtype=np.int32)
 
 
 def _model(folder: Path, overlay: dict[str, Any]) -> Any:
@@ -94,7 +94,7 @@ def _summary(n: int, wall: float, tokens: int, steps: list[float]) -> dict[str, 
     }
 
 
-def _engine_pass(engine: Any, n: int) -> tuple[float, int, list[float], float, float]:
+def engine_pass(engine: Any, n: int) -> tuple[float, int, list[float], float, float]:
     """Submit ``n`` prompts at once and step until all finish: (wall, tokens, steps, python s,
     start time)."""
     import onnxruntime_genai as og
@@ -131,8 +131,8 @@ def run_engine(model: Any, n: int) -> dict[str, Any]:
     import onnxruntime_genai as og
 
     engine = og.Engine(model)
-    _engine_pass(engine, n)  # the first pass warms the shapes
-    wall, tokens, steps, in_python, _ = _engine_pass(engine, n)
+    engine_pass(engine, n)  # the first pass warms the shapes
+    wall, tokens, steps, in_python, _ = engine_pass(engine, n)
     del engine
     return _summary(n, wall, tokens, steps) | {"python_ms": in_python * 1000}
 
@@ -156,7 +156,7 @@ def run_engines(models: list[Any], sizes: list[int]) -> list[dict[str, Any]]:
                 engine = og.Engine(model)
                 for n in sizes:
                     for size in sorted({n // len(models), max(1, n // len(models) // 2), 1}):
-                        _engine_pass(engine, size)
+                        engine_pass(engine, size)
         except Exception as exc:  # noqa: BLE001 - reported as the variant's finding
             errors.append(f"{type(exc).__name__}: {str(exc)[:300]}")
             barrier.abort()
@@ -166,7 +166,7 @@ def run_engines(models: list[Any], sizes: list[int]) -> list[dict[str, Any]]:
                 barrier.wait()
             except threading.BrokenBarrierError:
                 return
-            out[n].append(_engine_pass(engine, n // len(models)))
+            out[n].append(engine_pass(engine, n // len(models)))
         del engine
 
     threads = [threading.Thread(target=work, args=(m,)) for m in models]
