@@ -53,16 +53,10 @@ def lag_table(snapshot: LagSnapshot, rates: LagRates | None = None) -> Table:
     topic_rates = rates.topic_rates() if rates else {}
     when = time.strftime("%H:%M:%S", time.localtime(snapshot.taken_at))
     table = Table(title=f"consumer-group lag at {when}", title_justify="left")
-    for name, justify in [
-        ("group", "left"),
-        ("topic", "left"),
-        ("partition", "right"),
-        ("committed", "right"),
-        ("end", "right"),
-        ("lag", "right"),
-        ("rate/s", "right"),
-    ]:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for name in ("group", "topic"):
+        table.add_column(name, justify="left")
+    for name in ("partition", "committed", "end", "lag", "rate/s"):
+        table.add_column(name, justify="right")
     sums = snapshot.topic_sums()
     previous: tuple[str, str] | None = None
     for p in snapshot.partitions:
