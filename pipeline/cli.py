@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Annotated
 
 import typer
@@ -17,6 +16,7 @@ from pipeline import admin, cli_client, cli_ops
 from pipeline.aio import run_async
 from pipeline.cli_replay import register as register_replay
 from pipeline.config import Settings, load_settings
+from pipeline.logs import setup_logging
 
 app = typer.Typer(
     help="Sluice: LLM serving as an event-driven pipeline over Kafka.",
@@ -44,11 +44,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    setup_logging(verbose)
 
 
 @app.command()

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import time
 from typing import Annotated, Any
@@ -35,6 +34,7 @@ from pipeline.lag import (
     LagReader,
     LagSnapshot,
 )
+from pipeline.logs import setup_logging
 
 app = typer.Typer(help="Lag and the live dashboard.", pretty_exceptions_show_locals=False)
 console = Console()
@@ -262,8 +262,5 @@ def register(sluice: typer.Typer) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    setup_logging()
     app()

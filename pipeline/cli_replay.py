@@ -6,7 +6,6 @@ their own. Progress goes to stderr, summaries and restored conversations to stdo
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -30,6 +29,7 @@ from rich.table import Table
 from pipeline.aio import run_async
 from pipeline.config import Settings, load_settings
 from pipeline.errors import SluiceError
+from pipeline.logs import setup_logging
 from pipeline.storage import open_store
 from replay.archive import Window
 from replay.common import ReplaySummary, parse_time
@@ -291,11 +291,7 @@ def standalone() -> typer.Typer:
 
     @app.callback()
     def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-        logging.basicConfig(
-            level=logging.DEBUG if verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+        setup_logging(verbose)
 
     register(app)
     return app

@@ -34,6 +34,7 @@ from pipeline.admin import missing_topics
 from pipeline.config import Settings
 from pipeline.errors import FatalError
 from pipeline.http import HealthServer
+from pipeline.logs import setup_logging
 from pipeline.metrics import LATENCY_BUCKETS
 from pipeline.storage import ObjectStore, StorageError, open_store
 from schemas.archive import encode_line, encode_object, object_key
@@ -595,10 +596,7 @@ def main() -> None:
     from pipeline.config import load_settings
     from pipeline.errors import SluiceError
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    setup_logging()
     try:
         run_async(run_archiver(load_settings()))
     except SluiceError as exc:

@@ -57,6 +57,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipeline.aio import run_async
 from pipeline.client import ClientStopped, Prepared, PublishError, SluiceClient, prepare
 from pipeline.config import Settings, load_settings
+from pipeline.logs import setup_logging
 from pipeline.metrics import LATENCY_BUCKETS
 from schemas.errors import SchemaError, format_loc
 from schemas.messages import (
@@ -592,10 +593,7 @@ def run_gateway(settings: Settings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    setup_logging()
     run_gateway(load_settings())
 
 
