@@ -20,7 +20,8 @@ import orjson
 from infra.kafka.broker import DEFAULT_KAFKA_VERSION, BrokerConfig, start_broker, stop_broker
 from infra.process import ServiceHandle
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
 def cpu_model() -> str:

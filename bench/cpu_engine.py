@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from bench.common import machine, results_path, write_json
+from bench.common import REPO_ROOT, machine, results_path, write_json
 from models.demo import task
-from pipeline.config import REPO_ROOT
 from schemas.messages import SamplingParams
 from stages.engines.base import GenerationRequest
 from stages.engines.onnx import OnnxEngine

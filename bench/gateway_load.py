@@ -45,13 +45,21 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import kafka_broker, load_average, machine, percentile, results_path, write_json
+from bench.common import (
+    REPO_ROOT,
+    kafka_broker,
+    load_average,
+    machine,
+    percentile,
+    results_path,
+    write_json,
+)
 from infra.process import free_port
 from models.demo import task
 from pipeline import admin
 from pipeline.aio import run_async
-from pipeline.config import REPO_ROOT, Settings
-from pipeline.procs import StageProcess, stage_env
+from pipeline.config import Settings
+from sluice.procs import StageProcess, stage_env
 
 console = Console()
 

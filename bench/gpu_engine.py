@@ -28,8 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.gpu_common import NEW, PROMPT, prompts
+
 REPO = Path(__file__).resolve().parent.parent
-PROMPT, NEW = 128, 128
 CONCURRENCY = (1, 16, 64, 128)
 REPEAT = 5  # passes per concurrency level; the median is reported
 PAGED = (
@@ -103,7 +104,7 @@ def build(work: Path) -> None:
         procs[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf)
         log(f"building {name}: {' '.join(args)}")
     if not (work / "fp16-sluice" / "genai_config.json").exists():
-        from pipeline.modelbuild import build_model
+        from stages.engines.modelbuild import build_model
 
         log("building fp16-sluice with sluice model build's defaults")
         build_model(hf, work / "fp16-sluice", "fp16", "cuda", {}, lambda line: None)
@@ -113,13 +114,6 @@ def build(work: Path) -> None:
         logf.close()
         tail = (work / f"build-{name}.log").read_text(errors="replace")[-1500:]
         log(f"build {name} exit {code}" + ("" if code == 0 else f"\n{tail}"))
-
-
-def prompts(n: int, seed: int = 0) -> list[list[int]]:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1000, 100_000, size=PROMPT).tolist() for _ in range(n)]
 
 
 async def engine_run(engines: list[Any], n: int) -> dict[str, float]:
@@ -311,7 +305,7 @@ def measure_raw(folder: Path) -> list[dict[str, Any]]:
     """og.Engine driven by a bare Python loop (no Sluice): what the wrapper costs."""
     import onnxruntime_genai as og
 
-    from bench.gpu_probe import engine_pass
+    from bench.gpu_common import engine_pass
 
     engine = og.Engine(og.Model(str(folder)))
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_engine import NEW, PROMPT, prompts
+from bench.gpu_common import NEW, PROMPT, engine_pass, prompt_array
 
 GRAPH = {"model": {"decoder": {"session_options": {"provider_options": [
     {"cuda": {"enable_cuda_graph": "1"}}]}}}}  # fmt: skip
@@ -65,12 +65,6 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any], list[int]]] = {
 }  # fmt: skip
 
 
-def _prompts(n: int) -> Any:
-    import numpy as np
-
-    return np.asarray(prompts(n, seed=n), dtype=np.int32)
-
-
 def _model(folder: Path, overlay: dict[str, Any]) -> Any:
     import onnxruntime_genai as og
 
@@ -92,39 +86,6 @@ def _summary(n: int, wall: float, tokens: int, steps: list[float]) -> dict[str, 
         "decode_step_median_ms": statistics.median(decode) * 1000 if decode else 0.0,
         "decode_step_max_ms": max(decode) * 1000 if decode else 0.0,
     }
-
-
-def engine_pass(engine: Any, n: int) -> tuple[float, int, list[float], float, float]:
-    """Submit ``n`` prompts at once and step until all finish: (wall, tokens, steps, python s,
-    start time)."""
-    import onnxruntime_genai as og
-
-    token = int(og.EngineEventFlags.TOKEN.value)
-    buffer = engine.create_event_buffer(1024)
-    requests = []
-    t0 = time.perf_counter()
-    for row in _prompts(n):
-        req = engine.create_request()
-        opts = og.TurnOptions(req)
-        opts.set_max_generated_tokens(NEW)
-        req.begin_turn(row, opts)
-        requests.append(req)
-    steps: list[float] = []
-    in_python = 0.0
-    tokens = 0
-    while engine.has_pending_requests():
-        s0 = time.perf_counter()
-        events = engine.run(buffer)
-        s1 = time.perf_counter()
-        steps.append(s1 - s0)
-        for event in events:
-            if int(event.flags.value) & token:
-                tokens += 1
-        in_python += time.perf_counter() - s1
-    wall = time.perf_counter() - t0
-    for req in requests:
-        req.close()
-    return wall, tokens, steps, in_python, t0
 
 
 def run_engine(model: Any, n: int) -> dict[str, Any]:
@@ -190,7 +151,7 @@ def run_generator(model: Any, n: int) -> dict[str, Any]:
     import onnxruntime_genai as og
 
     result: dict[str, Any] = {}
-    ids = _prompts(n)
+    ids = prompt_array(n)
     for _ in range(2):
         params = og.GeneratorParams(model)
         params.set_search_options(

@@ -5,7 +5,7 @@ private broker, two ways in the same run, alternating:
 
 * ``bare``: an aiokafka loop (``getmany``, send every record with ``acks=all`` on the
   idempotent producer, await the acks, commit);
-* ``runner``: ``pipeline.runner.StageRunner`` with an identity handler.
+* ``runner``: ``pipeline.runtime.runner.StageRunner`` with an identity handler.
 
 Each reads a full backlog (the input topic is filled before any consumer starts) and is timed
 from the first record consumed to the N-th output acknowledged.
@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import (
+    REPO_ROOT,
     kafka_broker,
     load_average,
     machine,
@@ -52,12 +53,12 @@ from bench.common import (
 from infra.process import free_port
 from pipeline import admin
 from pipeline.aio import run_async
-from pipeline.batch import Batch, Output, Record, Result
-from pipeline.config import REPO_ROOT, Settings, Topics
-from pipeline.procs import StageProcess, stage_env
-from pipeline.runner import StageRunner
-from pipeline.stage import StageSpec
+from pipeline.config import Settings, Topics
+from pipeline.runtime.batch import Batch, Output, Record, Result
+from pipeline.runtime.runner import StageRunner
+from pipeline.runtime.stage import StageSpec
 from schemas.headers import SLUICE_REQUEST_ID, SLUICE_TIMINGS, header_value, make_headers
+from sluice.procs import StageProcess, stage_env
 from stages.registry import STAGES
 
 console = Console()
@@ -509,7 +510,7 @@ async def end_to_end(bootstrap: str, rate: float, seconds: float, state: Path) -
         "breakdown_ms": breakdown(offered.sent_wall, answers),
         "load_before": load,
         "load_after": load_after,
-        "stages": "subprocesses: python -m pipeline.cli run <stage>, engine=echo, delay 0 ms",
+        "stages": "subprocesses: python -m sluice.cli.main run <stage>, engine=echo, delay 0 ms",
     }
 
 

@@ -1,3 +1,4 @@
-"""The runtime every Sluice service shares: config, Kafka I/O, the stage loop, CLI."""
+"""The library every Sluice service imports: config, errors, the stage runtime, the client,
+observability, storage, Kafka admin and the scaling policy. Imports ``schemas`` only."""
 
 __version__ = "0.1.0"

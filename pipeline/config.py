@@ -14,8 +14,10 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / "models" / "demo" / "cpu-int8"
+# The folder that holds Sluice's packages: the checkout, or site-packages after `pip install`.
+# The demo model ships beside them as package data of `models.demo`.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = PACKAGE_ROOT / "models" / "demo" / "cpu-int8"
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -178,27 +180,5 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Build the settings once: environment, then explicit overrides (e.g. from CLI flags).
-
-    When ``SLUICE_BOOTSTRAP_SERVERS`` is not set and ``sluice up`` started a local broker, its
-    address is used, so the local commands work with no configuration at all.
-    """
-    settings = Settings(**overrides)
-    if (
-        "bootstrap_servers" not in overrides
-        and "bootstrap_servers" not in settings.model_fields_set
-    ):
-        local = local_broker_address()
-        if local is not None:
-            settings = settings.model_copy(update={"bootstrap_servers": local})
-    return settings
-
-
-def local_broker_address() -> str | None:
-    from infra.kafka.broker import default_state_file
-    from infra.process import ServiceHandle
-
-    handle = ServiceHandle.load(default_state_file())
-    if handle is not None and handle.alive():
-        return handle.address
-    return None
+    """Build the settings once: environment, then explicit overrides (e.g. from CLI flags)."""
+    return Settings(**overrides)

@@ -18,8 +18,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.batch import Record, derived_request_id
 from pipeline.config import Settings
+from pipeline.runtime.batch import Record, derived_request_id
 from pipeline.storage import ObjectStore
 from replay.archive import ArchiveReader, Window
 from replay.common import (

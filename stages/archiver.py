@@ -33,9 +33,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pipeline.admin import missing_topics
 from pipeline.config import Settings
 from pipeline.errors import FatalError
-from pipeline.http import HealthServer
 from pipeline.logs import setup_logging
-from pipeline.metrics import LATENCY_BUCKETS
+from pipeline.observability.http import HealthServer
+from pipeline.observability.metrics import LATENCY_BUCKETS
 from pipeline.storage import ObjectStore, StorageError, open_store
 from schemas.archive import encode_line, encode_object, object_key
 

@@ -11,10 +11,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.batch import Batch, Output, Record, Result
 from pipeline.config import Settings
 from pipeline.errors import InvalidInput, as_sluice_error
-from pipeline.stage import StageSpec, output_for, rebind_ids
+from pipeline.runtime.batch import Batch, Output, Record, Result
+from pipeline.runtime.stage import StageSpec, output_for, rebind_ids
 from schemas.errors import SchemaError
 from schemas.messages import GeneratedMessage, TokenizedMessage, Usage, decode
 from stages.engines.base import Engine, GenerationRequest

@@ -58,7 +58,7 @@ from pipeline.aio import run_async
 from pipeline.client import ClientStopped, Prepared, PublishError, SluiceClient, prepare
 from pipeline.config import Settings, load_settings
 from pipeline.logs import setup_logging
-from pipeline.metrics import LATENCY_BUCKETS
+from pipeline.observability.metrics import LATENCY_BUCKETS
 from schemas.errors import SchemaError, format_loc
 from schemas.messages import (
     INVALID_REQUEST_ERROR,

@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 from prometheus_client import Histogram
 
-from pipeline.batch import Batch, Output, Record, Result
 from pipeline.config import Settings
 from pipeline.errors import InvalidInput, StageFault
-from pipeline.metrics import LATENCY_BUCKETS
-from pipeline.stage import StageSpec, output_for
+from pipeline.observability.metrics import LATENCY_BUCKETS
+from pipeline.runtime.batch import Batch, Output, Record, Result
+from pipeline.runtime.stage import StageSpec, output_for
 from schemas.errors import SchemaError
 from schemas.headers import SLUICE_DEGRADED, SLUICE_TIMINGS, TRACEPARENT, header_value, make_headers
 from schemas.messages import ChatCompletion, GeneratedMessage, decode, encode

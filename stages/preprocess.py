@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from pipeline.batch import Batch, Output, Record, Result
 from pipeline.config import Settings
 from pipeline.errors import InvalidInput
-from pipeline.stage import StageSpec, output_for, rebind_ids
+from pipeline.runtime.batch import Batch, Output, Record, Result
+from pipeline.runtime.stage import StageSpec, output_for, rebind_ids
 from schemas.errors import SchemaError
 from schemas.messages import (
     CONTEXT_LENGTH_EXCEEDED,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config import Settings
-from pipeline.stage import Handler
+from pipeline.runtime.stage import Handler
 from stages.text import TextModel
 
 STAGES = ("preprocess", "compute", "postprocess")

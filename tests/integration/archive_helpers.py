@@ -16,11 +16,12 @@ import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.admin import describe_topics
-from pipeline.config import REPO_ROOT, Settings
-from pipeline.procs import StageProcess, stage_env
+from pipeline.config import Settings
 from schemas.archive import ArchivedRecord, decode_object
+from sluice.procs import StageProcess, stage_env
 from tests.conftest import S3Endpoint
 from tests.integration.kafka_io import group_lag
+from tests.paths import REPO_ROOT
 
 MODEL = REPO_ROOT / "models" / "demo" / "tokenizer"
 PIPELINE = ("preprocess", "compute", "postprocess")
@@ -91,11 +92,11 @@ class Procs:
 
 
 async def run_cli(settings: Settings, *args: str, within: float = 120) -> tuple[int, str]:
-    """``python -m pipeline.cli_replay ARGS`` configured like ``settings``: (exit code, output)."""
+    """``python -m sluice.cli.replay ARGS`` configured like ``settings``: (exit code, output)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "pipeline.cli_replay",
+        "sluice.cli.replay",
         *args,
         env=process_env(settings, COLUMNS="200"),
         cwd=REPO_ROOT,

@@ -16,8 +16,9 @@ import aiohttp
 import pytest
 
 from infra.process import free_port
-from pipeline.config import REPO_ROOT, Settings
-from pipeline.procs import StageProcess, stage_env
+from pipeline.config import Settings
+from sluice.procs import StageProcess, stage_env
+from tests.paths import REPO_ROOT
 
 MODEL = REPO_ROOT / "models" / "demo" / "tokenizer"
 STAGES = ("preprocess", "compute", "postprocess")
@@ -52,7 +53,7 @@ def promtool_check_metrics(text: str) -> subprocess.CompletedProcess[str]:
 
 @dataclass
 class OpsProcess:
-    """``python -m pipeline.cli_ops <args>`` (what ``sluice lag|dashboard`` run)."""
+    """``python -m sluice.cli.ops <args>`` (what ``sluice lag|dashboard`` run)."""
 
     args: list[str]
     env: dict[str, str]
@@ -62,7 +63,7 @@ class OpsProcess:
     def start(self) -> OpsProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli_ops", *self.args],
+                [sys.executable, "-m", "sluice.cli.ops", *self.args],
                 env=self.env,
                 cwd=REPO_ROOT,
                 stdout=log,

@@ -11,11 +11,12 @@ from pathlib import Path
 import aiohttp
 
 from pipeline import admin
-from pipeline.autoscaler import ScalePolicy
-from pipeline.config import REPO_ROOT, Settings
-from pipeline.procs import StageProcess, stage_env
-from pipeline.supervisor import Supervisor
+from pipeline.config import Settings
+from pipeline.scaling import ScalePolicy
+from sluice.procs import StageProcess, stage_env
+from sluice.supervisor import Supervisor
 from tests.integration.kafka_io import Item, collect, produce, prompt
+from tests.paths import REPO_ROOT
 
 MODEL = REPO_ROOT / "models" / "demo" / "tokenizer"
 SLOW = {"SLUICE_ECHO_DELAY_MS": "250", "SLUICE_MAX_IN_FLIGHT": "4"}  # ~16 prompts/s a worker

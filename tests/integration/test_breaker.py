@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 
 from pipeline import admin
-from pipeline.breaker import BreakerState
-from pipeline.config import REPO_ROOT, Settings
-from pipeline.runner import StageRunner
+from pipeline.config import Settings
+from pipeline.runtime.breaker import BreakerState
+from pipeline.runtime.runner import StageRunner
 from schemas.headers import header_value, make_headers, parse_dlt_headers
 from schemas.messages import (
     ErrorAnswer,
@@ -29,6 +29,7 @@ from stages.compute import Compute
 from stages.engines.echo import EchoEngine
 from stages.text import TextModel
 from tests.integration.kafka_io import collect, produce
+from tests.paths import REPO_ROOT
 
 MODEL = REPO_ROOT / "models" / "demo" / "tokenizer"
 

@@ -13,9 +13,10 @@ import pytest
 
 from infra.process import free_port
 from pipeline import admin
-from pipeline.config import REPO_ROOT, Settings
+from pipeline.config import Settings
 from tests.integration.kafka_io import Item, produce, prompt
 from tests.integration.ops_helpers import MODEL, STAGES, Fleet, chromium, wait_ready
+from tests.paths import REPO_ROOT
 
 if TYPE_CHECKING:
     from playwright.async_api import Locator

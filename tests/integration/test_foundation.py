@@ -109,7 +109,7 @@ def test_cli_up_topics_down_leaves_no_process_behind(tmp_path: Path) -> None:
 
     env = dict(os.environ, SLUICE_RUN_DIR=str(tmp_path / "run"))
     env.pop("SLUICE_BOOTSTRAP_SERVERS", None)
-    sluice = [sys.executable, "-m", "pipeline.cli"]
+    sluice = [sys.executable, "-m", "sluice.cli.main"]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -29,10 +29,11 @@ from infra.process import ServiceHandle, free_port
 from models.demo import task
 from pipeline import admin
 from pipeline.client import SluiceClient
-from pipeline.config import REPO_ROOT, Settings
-from pipeline.procs import StageProcess, stage_env
+from pipeline.config import Settings
 from schemas.headers import make_headers
 from schemas.messages import CE_ANSWER, ChatCompletion, ErrorAnswer, Usage, encode
+from sluice.procs import StageProcess, stage_env
+from tests.paths import REPO_ROOT
 
 MODEL = REPO_ROOT / "models" / "demo" / "cpu-int8"
 KEY = "sk-sluice-test"
@@ -302,7 +303,7 @@ async def test_client_drops_duplicate_answers_and_ignores_foreign_ones(
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli_client", *args],
+        [sys.executable, "-m", "sluice.cli.client", *args],
         env=stage_env(settings),
         cwd=REPO_ROOT,
         capture_output=True,

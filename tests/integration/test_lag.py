@@ -19,9 +19,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from infra.kafka.broker import run_kafka_tool
 from infra.process import free_port
 from pipeline import admin
-from pipeline.config import REPO_ROOT, Settings
-from pipeline.lag import GroupSelector, LagReader
-from pipeline.procs import stage_env
+from pipeline.config import Settings
+from sluice.lag import GroupSelector, LagReader
+from sluice.procs import stage_env
 from tests.integration.kafka_io import Item, collect, produce, prompt
 from tests.integration.ops_helpers import (
     MODEL,
@@ -32,6 +32,7 @@ from tests.integration.ops_helpers import (
     promtool_check_metrics,
     wait_ready,
 )
+from tests.paths import REPO_ROOT
 
 CONSUMER_GROUP_COMMAND = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"
 Row = tuple[str, str, int]
@@ -92,7 +93,7 @@ def kafka_describe(
 
 def sluice_lag_json(settings: Settings, *args: str) -> Any:
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli_ops", "lag", "--json", *args],
+        [sys.executable, "-m", "sluice.cli.ops", "lag", "--json", *args],
         env=stage_env(settings),
         cwd=REPO_ROOT,
         capture_output=True,
@@ -217,7 +218,7 @@ async def test_promtool_accepts_the_metrics_of_every_stage_the_lag_exporter_and_
             "sluice_record_latency_seconds_bucket",
             "sluice_breaker_state",
             "sluice_in_flight_records",
-            "sluice_process_memory_bytes",  # pipeline/procmetrics.py, registered by the runner
+            "sluice_process_memory_bytes",  # observability/process.py, registered by the runner
             "sluice_process_memory_limit_bytes",
         ):
             assert f"\n{name}" in text, f"{stage} does not export {name}"

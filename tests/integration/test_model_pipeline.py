@@ -9,10 +9,11 @@ import pytest
 
 from models.demo import task
 from pipeline import admin
-from pipeline.config import REPO_ROOT, Settings
-from pipeline.procs import StageProcess, stage_env
+from pipeline.config import Settings
 from schemas.messages import ChatCompletion, decode_answer
+from sluice.procs import StageProcess, stage_env
 from tests.integration.kafka_io import Item, collect, produce, prompt
+from tests.paths import REPO_ROOT
 
 MODEL = REPO_ROOT / "models" / "demo" / "cpu-int8"
 

@@ -12,12 +12,13 @@ import orjson
 import pytest
 
 from pipeline import admin
-from pipeline.batch import derived_request_id
-from pipeline.config import REPO_ROOT, Settings
-from pipeline.procs import StageProcess, stage_env
+from pipeline.config import Settings
+from pipeline.runtime.batch import derived_request_id
 from schemas.headers import header_value, parse_dlt_headers
 from schemas.messages import ChatCompletion, ErrorAnswer, decode_answer
+from sluice.procs import StageProcess, stage_env
 from tests.integration.kafka_io import Item, collect, group_lag, produce, prompt
+from tests.paths import REPO_ROOT
 
 MODEL = REPO_ROOT / "models" / "demo" / "tokenizer"
 STAGES = ("preprocess", "compute", "postprocess")

@@ -1,0 +1,1 @@
+"""Kubernetes manifests rendered from the scaling policies (``python -m infra.k8s.render``)."""

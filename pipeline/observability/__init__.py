@@ -1,0 +1,1 @@
+"""Metrics, health endpoints, and the process and GPU collectors every service registers."""

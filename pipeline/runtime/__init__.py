@@ -1,0 +1,1 @@
+"""The stage loop every service shares: polling, offsets, batches, the breaker, dead letters."""

@@ -1,0 +1,106 @@
+"""The contract between the stage loop and a stage: a handler plus what the loop needs to know.
+
+A handler is pure: ``handle(batch) -> results`` with no Kafka inside (the loop consumes,
+produces, commits, dead-letters and counts). ``handle`` may be a plain function (run in a
+worker thread, so tokenizing a big batch does not block the event loop) or a coroutine
+(for engines that are asynchronous themselves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import orjson
+
+from pipeline.runtime.batch import Batch, Output, Record, Result
+from schemas.headers import (
+    SLUICE_DEGRADED,
+    TRACEPARENT,
+    Headers,
+    header_value,
+    make_headers,
+)
+from schemas.messages import Message, encode
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Where a stage reads and writes, and how its work is cut."""
+
+    name: str
+    input_topic: str
+    answers_topic: str
+    # "partition": one task per partition-batch (cheap, in-order work);
+    # "record": one task per record, finishing out of order (generation).
+    unit: Literal["partition", "record"] = "partition"
+    output_topics: tuple[str, ...] = ()
+
+
+class Handler(Protocol):
+    spec: StageSpec
+
+    def handle(self, batch: Batch) -> list[Result] | Awaitable[list[Result]]:
+        """One result per record of ``batch``, in the same order."""
+        ...
+
+    def fingerprint(self, record: Record) -> str | None:
+        """Identity of the request for the response cache (None: never cached)."""
+        ...
+
+    def rebind(self, cached: Sequence[Output], record: Record) -> list[Output]:
+        """Cached outputs re-addressed to ``record``'s request (ids, headers)."""
+        ...
+
+    async def warmup(self) -> None:
+        """Load what is slow to load, run one short piece of work; before joining the group."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def output_for(
+    record: Record,
+    topic: str,
+    message: Message,
+    *,
+    stage: str,
+    request_id: str,
+    key: bytes | None,
+    extra: dict[str, str] | None = None,
+) -> Output:
+    """A message produced because of ``record``: CloudEvents headers, the trace continued."""
+    headers = make_headers(
+        message.ce_type,
+        stage,
+        request_id,
+        traceparent=header_value(record.headers, TRACEPARENT),
+        extra=extra,
+    )
+    return Output(topic=topic, key=key, value=encode(message), headers=headers)
+
+
+def rebind_ids(
+    cached: Sequence[Output],
+    record: Record,
+    *,
+    stage: str,
+    request_id: str,
+    conversation_id: str,
+    key: bytes | None,
+) -> list[Output]:
+    """Default cache rebinding for internal messages with top-level ``id``/``conversation_id``."""
+    out: list[Output] = []
+    for o in cached:
+        body = orjson.loads(o.value)
+        if isinstance(body, dict):
+            body["id"] = request_id
+            body["conversation_id"] = conversation_id
+        ce_type = header_value(o.headers, "ce_type") or "sluice.unknown"
+        headers: Headers = make_headers(
+            ce_type, stage, request_id, traceparent=header_value(record.headers, TRACEPARENT)
+        )
+        headers.append((SLUICE_DEGRADED, b"true"))
+        out.append(Output(topic=o.topic, key=key, value=orjson.dumps(body), headers=headers))
+    return out

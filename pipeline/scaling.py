@@ -1,0 +1,110 @@
+"""Lag-based scaling decisions: how many workers each stage should run.
+
+desired = ceil(lag / lag_threshold) (for compute also ceil(waiting tokens / token_threshold),
+the larger of the two), clamped to [min_workers, max_workers], and max_workers never above the
+partition count of the stage's input topic (a worker beyond that would sit idle).
+
+Like KEDA/HPA stabilization, one spike does not move the count: a scale-up takes the *lowest*
+desired count seen over the scale-up window (the lag must persist), a scale-down the *highest*
+over the longer scale-down window (it must have drained for that long). The same policy is what
+``infra/k8s`` expresses as KEDA ScaledObjects.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScalePolicy:
+    stage: str
+    lag_threshold: int = 50
+    token_threshold: int | None = None
+    min_workers: int = 1
+    max_workers: int = 6
+    scale_up_window_s: float = 5.0
+    scale_down_window_s: float = 30.0
+
+    def bounded(self, partitions: int) -> ScalePolicy:
+        """The policy with max_workers clamped to the input topic's partitions."""
+        top = max(self.min_workers, min(self.max_workers, partitions))
+        return ScalePolicy(self.stage, self.lag_threshold, self.token_threshold,
+                           self.min_workers, top, self.scale_up_window_s,
+                           self.scale_down_window_s)  # fmt: skip
+
+    def raw_desired(self, lag: int, waiting_tokens: int = 0) -> int:
+        want = math.ceil(max(0, lag) / self.lag_threshold)
+        if self.token_threshold:
+            want = max(want, math.ceil(max(0, waiting_tokens) / self.token_threshold))
+        return min(self.max_workers, max(self.min_workers, want))
+
+
+# The one source of truth for scaling, on one machine (sluice scale) and on Kubernetes (the
+# KEDA ScaledObjects in infra/k8s are generated from it: python -m pipeline.scaling k8s).
+DEFAULT_POLICIES = (
+    ScalePolicy("preprocess", lag_threshold=200, min_workers=1, max_workers=6),
+    ScalePolicy("compute", lag_threshold=50, token_threshold=16384, min_workers=1, max_workers=6),
+    ScalePolicy("postprocess", lag_threshold=200, min_workers=1, max_workers=6),
+)
+
+
+@dataclass(frozen=True)
+class Decision:
+    stage: str
+    current: int
+    desired: int
+    lag: int
+    reason: str
+
+    @property
+    def direction(self) -> Literal["up", "down"]:
+        return "up" if self.desired > self.current else "down"
+
+
+@dataclass
+class StageScaler:
+    """The stabilized decision for one stage, fed one observation at a time."""
+
+    policy: ScalePolicy
+    current: int = 1
+    _seen: deque[tuple[float, int]] = field(default_factory=deque)
+    _since: float | None = None  # first observation: a window counts once it is all observed
+
+    def observe(self, now: float, lag: int, waiting_tokens: int = 0) -> Decision | None:
+        """Record an observation; a Decision when the worker count should change now."""
+        want = self.policy.raw_desired(lag, waiting_tokens)
+        if self._since is None:
+            self._since = now
+        self._seen.append((now, want))
+        horizon = max(self.policy.scale_up_window_s, self.policy.scale_down_window_s)
+        while self._seen and self._seen[0][0] < now - horizon:
+            self._seen.popleft()
+        up_values = self._window(now, self.policy.scale_up_window_s)
+        down_values = self._window(now, self.policy.scale_down_window_s)
+        up = min(up_values) if up_values else None
+        down = max(down_values) if down_values else None
+        if up is not None and up > self.current:
+            return self._decide(up, lag, f"lag {lag} held for {self.policy.scale_up_window_s}s")
+        if down is not None and down < self.current:
+            return self._decide(down, lag,
+                                f"lag low for {self.policy.scale_down_window_s}s")  # fmt: skip
+        return None
+
+    def _window(self, now: float, window: float) -> list[int]:
+        """Desired counts over the last ``window`` seconds, once that much has been observed."""
+        if self._since is None or now - self._since < window:
+            return []
+        return [w for t, w in self._seen if t >= now - window]
+
+    def _decide(self, desired: int, lag: int, reason: str) -> Decision:
+        decision = Decision(self.policy.stage, self.current, desired, lag, reason)
+        log.info("scale %s: %d -> %d workers (%s)", decision.stage, decision.current,
+                 decision.desired, reason)  # fmt: skip
+        self.current = desired
+        return decision

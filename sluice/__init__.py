@@ -1,0 +1,1 @@
+"""The ``sluice`` command and the operator tools: CLI, supervisor, lag, dashboard, demo."""

@@ -1,0 +1,250 @@
+"""``sluice scale``: run the stages as worker processes and follow the autoscaler.
+
+Every second the supervisor reads each stage's consumer-group lag on its input topic, feeds
+the stage's ``StageScaler``, and starts workers (``sluice run <stage>``) or stops the newest
+ones with SIGTERM (they finish in-flight work, commit and leave the group: scale-in loses
+nothing). A worker that dies is restarted with exponential backoff. Each worker gets a stable
+slot number as ``SLUICE_INSTANCE_ID`` (exactly-once stages need it), and, with
+``cpu_affinity``, is pinned to one CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from pipeline.admin import describe_topics
+from pipeline.config import Settings
+from pipeline.observability.http import HealthServer
+from pipeline.scaling import Decision, ScalePolicy, StageScaler
+from sluice.lag import GroupSelector, LagReader
+from sluice.procs import StageProcess, stage_env
+
+log = logging.getLogger(__name__)
+
+INPUT_OF = {"preprocess": "prompts", "compute": "tokenized", "postprocess": "generated"}
+
+
+@dataclass
+class Worker:
+    slot: int
+    proc: StageProcess
+    started: float = field(default_factory=time.monotonic)
+    stopping: bool = False
+
+
+@dataclass
+class StageState:
+    stage: str
+    topic: str
+    scaler: StageScaler
+    workers: dict[int, Worker] = field(default_factory=dict)
+    restarts: dict[int, int] = field(default_factory=dict)
+    next_restart: dict[int, float] = field(default_factory=dict)
+    decisions: list[tuple[float, Decision]] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        policies: list[ScalePolicy],
+        log_dir: Path,
+        *,
+        cpu_affinity: bool = False,
+        interval_s: float = 1.0,
+        worker_env: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.cpu_affinity = cpu_affinity
+        self.interval_s = interval_s
+        self.worker_env = worker_env or {}
+        self.registry = CollectorRegistry()
+        self.workers_gauge = Gauge(
+            "sluice_workers",
+            "Worker processes per stage.",
+            ["stage", "kind"],
+            registry=self.registry,
+        )
+        self.decisions_total = Counter(
+            "sluice_scale_decisions_total",
+            "Scaling decisions.",
+            ["stage", "direction"],
+            registry=self.registry,
+        )
+        self.restarts_total = Counter(
+            "sluice_worker_restarts_total",
+            "Crashed workers restarted.",
+            ["stage"],
+            registry=self.registry,
+        )
+        topics = settings.topics
+        self.stages = {
+            p.stage: StageState(p.stage, getattr(topics, INPUT_OF[p.stage]), StageScaler(p, 0))
+            for p in policies
+        }
+        self._stop = asyncio.Event()
+        self._last_lag: dict[str, int] = {}
+        self._lag_lock = asyncio.Lock()
+        self._lag_reader = LagReader(
+            settings,
+            GroupSelector(names=tuple(settings.group_id(p.stage) for p in policies)),
+            watch_topics=[st.topic for st in self.stages.values()],
+        )
+        self._last_round = 0.0
+        self.http = HealthServer(
+            self.registry, self._healthy, self._ready, settings.http_host, settings.http_port
+        )
+
+    # ---- lag -------------------------------------------------------------------------------
+
+    async def lags(self) -> dict[str, int]:
+        """Committed-vs-end lag of each stage's group on its input topic (a partition the group
+        has not committed yet counts whole), over one long-lived ``LagReader``."""
+        async with self._lag_lock:
+            try:
+                snapshot = await self._lag_reader.read()
+            except KafkaError as exc:  # coordinator moving or the group not there yet
+                log.info("lag not readable this round (%s); keeping the last reading", exc)
+                return {st.stage: self._last_lag.get(st.stage, 0) for st in self.stages.values()}
+        rows = snapshot.lags()
+        out = {}
+        for st in self.stages.values():
+            group = self.settings.group_id(st.stage)
+            out[st.stage] = sum(
+                rows.get((group, topic, partition), end)
+                for (topic, partition), end in snapshot.topic_ends.items()
+                if topic == st.topic
+            )
+        self._last_lag = out
+        return out
+
+    async def partitions(self) -> dict[str, int]:
+        infos = {
+            i.name: i
+            for i in await describe_topics(self.settings, [s.topic for s in self.stages.values()])
+        }
+        return {st.stage: infos[st.topic].partitions for st in self.stages.values()}
+
+    # ---- workers ---------------------------------------------------------------------------
+
+    def _start(self, st: StageState, slot: int) -> None:
+        env = stage_env(
+            self.settings, SLUICE_INSTANCE_ID=str(slot), SLUICE_HTTP_PORT="0", **self.worker_env
+        )
+        log_path = self.log_dir / f"{st.stage}-{slot}.log"
+        cpus = None
+        if self.cpu_affinity and hasattr(os, "sched_getaffinity"):
+            available = sorted(os.sched_getaffinity(0))
+            cpus = {available[slot % len(available)]}
+        proc = StageProcess(st.stage, env, log_path).start()
+        if cpus is not None and proc.proc is not None:
+            os.sched_setaffinity(proc.proc.pid, cpus)
+        st.workers[slot] = Worker(slot, proc)
+        log.info("started %s worker %d (pid %s)", st.stage, slot, proc.proc and proc.proc.pid)
+
+    def _stop_worker(self, st: StageState, slot: int) -> None:
+        worker = st.workers[slot]
+        if worker.proc.proc is not None and worker.proc.proc.poll() is None:
+            worker.proc.proc.terminate()  # SIGTERM: finish, commit, leave the group
+        worker.stopping = True
+        log.info("stopping %s worker %d (scale-in)", st.stage, slot)
+
+    def running(self, stage: str) -> int:
+        st = self.stages[stage]
+        return sum(1 for w in st.workers.values() if not w.stopping)
+
+    def _apply(self, st: StageState, desired: int) -> None:
+        active = sorted(s for s, w in st.workers.items() if not w.stopping)
+        for slot in range(desired):
+            if slot not in st.workers:
+                self._start(st, slot)
+        for slot in active:
+            if slot >= desired:
+                self._stop_worker(st, slot)
+
+    def _reap(self, st: StageState, now: float) -> None:
+        for slot, worker in list(st.workers.items()):
+            proc = worker.proc.proc
+            if proc is None or proc.poll() is None:
+                continue
+            del st.workers[slot]
+            if worker.stopping:
+                continue
+            n = st.restarts.get(slot, 0)
+            delay = min(30.0, 2.0**n)
+            st.restarts[slot] = n + 1
+            st.next_restart[slot] = now + delay
+            log.warning(
+                "%s worker %d exited with %s; restarting in %.0fs",
+                st.stage,
+                slot,
+                proc.returncode,
+                delay,
+            )
+        for slot, when in list(st.next_restart.items()):
+            if now >= when and slot < st.scaler.current and slot not in st.workers:
+                del st.next_restart[slot]
+                self.restarts_total.labels(st.stage).inc()
+                self._start(st, slot)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _healthy(self) -> tuple[bool, str]:
+        idle = time.monotonic() - self._last_round
+        return (idle < 30, "ok" if idle < 30 else f"no scaling round for {idle:.0f}s")
+
+    def _ready(self) -> tuple[bool, str]:
+        return (self._last_round > 0, "ok" if self._last_round > 0 else "starting")
+
+    async def run(self) -> None:
+        """Serve /metrics (sluice_workers, decisions, restarts), then scale until stopped."""
+        await self.http.start()
+        await self._lag_reader.start()
+        parts = await self.partitions()
+        for st in self.stages.values():
+            st.scaler.policy = st.scaler.policy.bounded(parts[st.stage])
+            st.scaler.current = st.scaler.policy.min_workers
+            self._apply(st, st.scaler.current)
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                lags = await self.lags()
+                for st in self.stages.values():
+                    decision = st.scaler.observe(now, lags[st.stage])
+                    if decision is not None:
+                        st.decisions.append((now, decision))
+                        self.decisions_total.labels(st.stage, decision.direction).inc()
+                        self._apply(st, decision.desired)
+                    self._reap(st, now)
+                    self.workers_gauge.labels(st.stage, "desired").set(st.scaler.current)
+                    self.workers_gauge.labels(st.stage, "running").set(self.running(st.stage))
+                self._last_round = time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self.interval_s)
+        finally:
+            await self.shutdown()
+            await self._lag_reader.close()
+            await self.http.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        for st in self.stages.values():
+            for slot in list(st.workers):
+                self._stop_worker(st, slot)
+        for st in self.stages.values():
+            for worker in st.workers.values():
+                if worker.proc.proc is not None:
+                    await asyncio.to_thread(worker.proc.stop)
+            st.workers.clear()

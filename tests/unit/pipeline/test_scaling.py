@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pipeline.scaling import ScalePolicy, StageScaler
+
+
+def test_desired_is_ceil_of_lag_over_threshold_clamped() -> None:
+    p = ScalePolicy("compute", lag_threshold=50, min_workers=1, max_workers=4)
+    assert [p.raw_desired(lag) for lag in (0, 1, 50, 51, 149, 151, 10_000)] == [1, 1, 1, 2, 3, 4, 4]
+
+
+def test_waiting_tokens_can_drive_compute_higher_than_lag() -> None:
+    p = ScalePolicy("compute", lag_threshold=50, token_threshold=1000, max_workers=8)
+    assert p.raw_desired(10, waiting_tokens=3500) == 4
+
+
+def test_max_workers_never_exceeds_the_partitions() -> None:
+    p = ScalePolicy("compute", max_workers=12).bounded(partitions=3)
+    assert p.max_workers == 3 and p.raw_desired(10_000) == 3
+
+
+def test_one_spike_does_not_scale_up_persistent_lag_does() -> None:
+    s = StageScaler(ScalePolicy("compute", scale_up_window_s=5, scale_down_window_s=30))
+    assert s.observe(0, 0) is None
+    assert s.observe(1, 500) is None  # a spike
+    assert s.observe(2, 0) is None
+    for t in range(3, 8):
+        decision = s.observe(t, 200)
+    assert decision is None  # 200 seen at 3..7 but the window (2..7) still holds a 0
+    decision = s.observe(8, 200)
+    assert decision is not None and decision.current == 1 and decision.desired == 4
+    assert s.current == 4
+
+
+def test_scale_down_waits_for_the_longer_window() -> None:
+    s = StageScaler(ScalePolicy("compute", scale_up_window_s=2, scale_down_window_s=10), current=4)
+    for t in range(0, 5):
+        assert s.observe(t, 200) is None  # already at 4
+    decisions = [s.observe(t, 0) for t in range(5, 16)]
+    first = next(i for i, d in enumerate(decisions) if d is not None)
+    assert first + 5 >= 14  # the last 200 at t=4 must leave the 10 s window first
+    assert s.current == 1
+
+
+def test_a_window_as_long_as_the_history_kept_still_decides() -> None:
+    """The down window is the longest one: history older than it is dropped, yet it decides."""
+    s = StageScaler(ScalePolicy("compute", scale_up_window_s=1, scale_down_window_s=8), current=3)
+    decisions = [s.observe(t * 0.5, 0) for t in range(40)]
+    assert any(d is not None and d.desired == 1 for d in decisions)
+    assert s.current == 1
