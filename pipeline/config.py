@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     archive_url: str = Field(
         default="file://.sluice/archive",
         description="Where the archiver stores the conversation log and replay reads it: "
-        "`file://DIR` or a plain path (relative to the current folder), or "
+        "`file://DIR` or a plain path (a relative one starts at the current folder), or "
         "`s3://BUCKET/PREFIX`.",
     )
     s3_endpoint_url: str | None = Field(
@@ -202,8 +202,8 @@ class Settings(BaseSettings):
     )
     state_dir: Path = Field(
         default=Path(".sluice"),
-        description="Folder for local state, relative to the current folder: each stage's "
-        "response cache is kept in `<state_dir>/cache/<stage>.json`.",
+        description="Folder for local state (a relative path starts at the current folder): "
+        "each stage keeps its response cache in `<state_dir>/cache/<stage>.json`.",
     )
 
     # Stage runtime
@@ -248,8 +248,8 @@ class Settings(BaseSettings):
         default=1024,
         ge=0,
         description="Answers each stage keeps (least recently used dropped first) to answer "
-        "from while its breaker is open; kept in the state folder across restarts. 0: no "
-        "cache.",
+        "from while its breaker is open; saved in the state folder when the stage stops and "
+        "read when it starts. 0: no cache.",
     )
     shutdown_deadline_s: float = Field(
         default=20.0,
