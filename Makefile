@@ -50,6 +50,12 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.transport
 	$(BIN)/python -m bench.gateway_load
 
+# docs/CONFIGURATION.md is generated from pipeline/config.py; a unit test fails when it is stale.
+.PHONY: config-docs
+config-docs: $(STAMP)
+	$(BIN)/python -m pipeline.config_reference > docs/CONFIGURATION.md.tmp
+	mv docs/CONFIGURATION.md.tmp docs/CONFIGURATION.md
+
 up: $(STAMP)
 	$(BIN)/sluice up --minio
 

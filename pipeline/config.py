@@ -9,7 +9,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +25,7 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 @dataclass(frozen=True)
 class Topics:
-    """The topic names of DESIGN.md under one prefix, and their dead-letter twins."""
+    """The topic names of the flow under one prefix, and their dead-letter twins."""
 
     prefix: str = "sluice."
 
@@ -58,83 +58,296 @@ class Topics:
 
 
 class Settings(BaseSettings):
-    """Everything a Sluice process is configured by. Env: ``SLUICE_<FIELD>`` (upper case)."""
+    """Everything a Sluice process is configured by. Env: ``SLUICE_<FIELD>`` (upper case).
+
+    Frozen: built once at start-up and passed down; derive a variant with
+    ``settings.model_copy(update={...})``. ``docs/CONFIGURATION.md`` is generated from the
+    descriptions below (``make config-docs``), grouped as in ``GROUPS``.
+    """
 
     model_config = SettingsConfigDict(
-        env_prefix="SLUICE_", env_file=None, extra="ignore", validate_default=True
+        env_prefix="SLUICE_", env_file=None, extra="ignore", validate_default=True, frozen=True
     )
 
     # Kafka connection and security
-    bootstrap_servers: str = "127.0.0.1:9092"
-    security_protocol: SecurityProtocol = "PLAINTEXT"
-    sasl_mechanism: SaslMechanism | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_key_password: SecretStr | None = None
-    client_id: str = "sluice"
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        description="Kafka brokers to bootstrap from, comma-separated `host:port`. When it is "
+        "not set, the `sluice` command uses the broker `sluice up` started, if one runs.",
+    )
+    security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT",
+        description="How every Kafka client talks to the brokers.",
+    )
+    sasl_mechanism: SaslMechanism | None = Field(
+        default=None,
+        description="SASL mechanism. Required with a `SASL_*` protocol.",
+    )
+    sasl_username: str | None = Field(
+        default=None, description="SASL user name. Required with a `SASL_*` protocol."
+    )
+    sasl_password: SecretStr | None = Field(
+        default=None, description="SASL password. Required with a `SASL_*` protocol."
+    )
+    ssl_cafile: Path | None = Field(
+        default=None,
+        description="CA bundle that verifies the brokers' certificates (`SSL`, `SASL_SSL`); "
+        "the system's default CAs when unset.",
+    )
+    ssl_certfile: Path | None = Field(
+        default=None,
+        description="Client certificate for mutual TLS. Set together with `SLUICE_SSL_KEYFILE`.",
+    )
+    ssl_keyfile: Path | None = Field(
+        default=None,
+        description="Private key of the client certificate. Set together with "
+        "`SLUICE_SSL_CERTFILE`.",
+    )
+    ssl_key_password: SecretStr | None = Field(
+        default=None, description="Password of `SLUICE_SSL_KEYFILE`, when the key is encrypted."
+    )
+    client_id: str = Field(
+        default="sluice",
+        description="Client id every Kafka producer, consumer and admin client sends to the "
+        "brokers (it shows in broker logs and quotas).",
+    )
 
     # Topics
-    topic_prefix: str = "sluice."
-    partitions: int = Field(default=6, ge=1)
-    replication_factor: int = Field(default=1, ge=1)
+    topic_prefix: str = Field(
+        default="sluice.",
+        description="Prefix of every topic name (`<prefix>prompts`, `<prefix>tokenized`, "
+        "`<prefix>generated`, `<prefix>answers`, each with a `.DLT` twin) and, without its "
+        "trailing dot, of every consumer group (`sluice-preprocess`, …).",
+    )
+    partitions: int = Field(
+        default=6,
+        ge=1,
+        description="Partitions of each topic `sluice topics create` makes. A stage can use at "
+        "most this many workers.",
+    )
+    replication_factor: int = Field(
+        default=1,
+        ge=1,
+        description="Replication factor of the topics `sluice topics create` makes.",
+    )
 
     # Conversation log (object storage)
-    archive_url: str = "file://.sluice/archive"
-    s3_endpoint_url: str | None = None
-    s3_region: str = "us-east-1"
-    s3_access_key_id: SecretStr | None = None
-    s3_secret_access_key: SecretStr | None = None
+    archive_url: str = Field(
+        default="file://.sluice/archive",
+        description="Where the archiver stores the conversation log and replay reads it: "
+        "`file://DIR` or a plain path (a relative one starts at the current folder), or "
+        "`s3://BUCKET/PREFIX`.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint for an `s3://` archive (e.g. MinIO's URL); AWS's when unset.",
+    )
+    s3_region: str = Field(default="us-east-1", description="S3 region for an `s3://` archive.")
+    s3_access_key_id: SecretStr | None = Field(
+        default=None,
+        description="S3 access key id. Without the key pair, boto's own credential chain is "
+        "used (environment, profile, instance role).",
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret access key, paired with `SLUICE_S3_ACCESS_KEY_ID`."
+    )
 
-    # Archiver: an object is written when any of these is reached
-    archive_max_records: int = Field(default=1000, ge=1)
-    archive_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    archive_max_age_s: float = Field(default=30.0, gt=0)
+    # Archiver
+    archive_max_records: int = Field(
+        default=1000,
+        ge=1,
+        description="Records at which the archiver seals a partition's open chunk into one object.",
+    )
+    archive_max_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of JSON lines (counted before gzip) at which the archiver seals a "
+        "chunk.",
+    )
+    archive_max_age_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Age (from its first record) at which the archiver seals a chunk.",
+    )
 
     # Producer client and HTTP gateway
-    request_timeout_s: float = Field(default=120.0, gt=0)
-    gateway_host: str = "127.0.0.1"
-    gateway_port: int = Field(default=8000, ge=0, le=65535)
-    gateway_api_key: SecretStr | None = None
-    gateway_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="How long the producer client (so also the gateway, `sluice send` and "
+        "`sluice infer`) waits for a request's answer; then the request is answered with a "
+        "`timeout` error (HTTP 504 at the gateway).",
+    )
+    gateway_host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
+    gateway_port: int = Field(
+        default=8000, ge=0, le=65535, description="Port the gateway listens on."
+    )
+    gateway_api_key: SecretStr | None = Field(
+        default=None,
+        description="When set, the gateway requires `Authorization: Bearer <key>` and answers "
+        "401 without it.",
+    )
+    gateway_max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest HTTP request body the gateway accepts; larger ones get 413.",
+    )
 
     # Model and local state
-    model_path: Path = DEFAULT_MODEL
-    state_dir: Path = Path(".sluice")
+    model_path: Path = Field(
+        default=DEFAULT_MODEL,
+        description="A built model folder (ONNX Runtime GenAI model and its tokenizer), read "
+        "by preprocess, compute and postprocess. The default is the demo model installed "
+        "with Sluice.",
+    )
+    state_dir: Path = Field(
+        default=Path(".sluice"),
+        description="Folder for local state (a relative path starts at the current folder): "
+        "each stage keeps its response cache in `<state_dir>/cache/<stage>.json`.",
+    )
 
     # Stage runtime
-    batch_max_records: int = Field(default=256, ge=1)
-    batch_max_wait_ms: int = Field(default=20, ge=0)
-    max_in_flight: int = Field(default=2048, ge=1)
-    handler_retries: int = Field(default=2, ge=0)
-    retry_backoff_ms: int = Field(default=100, ge=0)
-    breaker_failure_threshold: int = Field(default=5, ge=1)
-    breaker_cooldown_s: float = Field(default=10.0, gt=0)
-    response_cache_size: int = Field(default=1024, ge=0)
-    shutdown_deadline_s: float = Field(default=20.0, gt=0)
-    stall_after_s: float = Field(default=60.0, gt=0)
-    # Exactly-once (Kafka transactions, read_committed) for preprocess/postprocess. aiokafka
-    # sends no KIP-447 group metadata, so a rebalance inside a transaction is not fenced: run
-    # each process with its own stable instance_id (the transactional id is group + instance),
-    # so a restarted process fences its predecessor and aborts its open transaction.
-    exactly_once: bool = False
-    instance_id: str = "0"
-    transaction_timeout_ms: int = Field(default=15_000, ge=1000)
-    max_prompt_bytes: int = Field(default=256 * 1024, ge=1024)
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(default=0, ge=0, le=65535)
+    batch_max_records: int = Field(
+        default=256,
+        ge=1,
+        description="Most records one fetch takes from Kafka, so the largest batch a stage's "
+        "handler is given.",
+    )
+    batch_max_wait_ms: int = Field(
+        default=20,
+        ge=0,
+        description="How long a fetch waits for records before it returns what it has.",
+    )
+    max_in_flight: int = Field(
+        default=2048,
+        ge=1,
+        description="Unfinished records at which a stage pauses every partition it reads; it "
+        "resumes at half. This bounds what a stage holds in memory.",
+    )
+    handler_retries: int = Field(
+        default=2,
+        ge=0,
+        description="Further attempts at a record whose failure is retriable, before it is "
+        "dead-lettered.",
+    )
+    retry_backoff_ms: int = Field(
+        default=100, ge=0, description="Wait before the first retry; it doubles on each retry."
+    )
+    breaker_failure_threshold: int = Field(
+        default=5,
+        ge=1,
+        description="Consecutive stage faults that open a stage's circuit breaker. Bad input "
+        "is not a fault.",
+    )
+    breaker_cooldown_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long an open circuit breaker waits before it lets one probe through.",
+    )
+    response_cache_size: int = Field(
+        default=1024,
+        ge=0,
+        description="Answers each stage keeps (least recently used dropped first) to answer "
+        "from while its breaker is open; saved in the state folder when the stage stops and "
+        "read when it starts. 0: no cache.",
+    )
+    shutdown_deadline_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="On SIGTERM, how long in-flight work may take to finish; what is left is "
+        "cancelled, uncommitted, and redone by the partition's next owner.",
+    )
+    stall_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="`/healthz` fails when the fetch loop has not polled, or in-flight work has "
+        "not finished, for this long.",
+    )
+    max_prompt_bytes: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        description="Largest prompt accepted, in bytes of the record's value; larger ones are "
+        "refused as `oversized` (HTTP 413 at the gateway).",
+    )
+    http_host: str = Field(
+        default="127.0.0.1",
+        description="Address of a service's `/metrics`, `/healthz` and `/readyz` server.",
+    )
+    http_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of a service's `/metrics`, `/healthz` and `/readyz` server; 0 picks "
+        "a free one and logs it at start.",
+    )
 
-    # Compute engine: "onnx" (ONNX Runtime GenAI) or "echo" (a deterministic stand-in)
-    engine: Literal["echo", "onnx"] = "onnx"
-    engine_max_batch: int = Field(default=0, ge=0)  # 0: the engine's own capacity
-    engine_token_budget: int = Field(default=0, ge=0)  # prompt+max new tokens in flight; 0: none
-    engine_threads: int = Field(default=0, ge=0)  # 0: onnxruntime's default
-    engine_stall_s: float = Field(default=30.0, gt=0)
-    engine_mode: Literal["auto", "engine", "generator"] = "auto"
-    echo_delay_ms: float = Field(default=0.0, ge=0)
-    echo_fault_file: Path | None = None  # while this file exists, every generation fails
+    # Exactly-once delivery. aiokafka sends no KIP-447 group metadata, so a rebalance inside a
+    # transaction is not fenced: each process needs its own stable instance_id (the
+    # transactional id is group + instance), so a restarted process fences its predecessor and
+    # aborts its open transaction.
+    exactly_once: bool = Field(
+        default=False,
+        description="Kafka transactions, meant for preprocess and postprocess: a batch's "
+        "outputs and its input offsets commit together, and the input is read "
+        "`read_committed`. Give each process a stable `SLUICE_INSTANCE_ID`.",
+    )
+    instance_id: str = Field(
+        default="0",
+        description="This process's stable slot in its stage. In exactly-once mode the "
+        "transactional id is `<group>-<SLUICE_INSTANCE_ID>`, so a restarted process fences its "
+        "predecessor. `sluice scale` sets it for each worker.",
+    )
+    transaction_timeout_ms: int = Field(
+        default=15_000,
+        ge=1000,
+        description="Transaction timeout in exactly-once mode: the broker aborts a transaction "
+        "left open longer.",
+    )
+
+    # Compute engine
+    engine: Literal["echo", "onnx"] = Field(
+        default="onnx",
+        description="The compute stage's engine: `onnx` (ONNX Runtime GenAI) or `echo` (a "
+        "deterministic stand-in that repeats the last user turn, for testing the pipeline).",
+    )
+    engine_max_batch: int = Field(
+        default=0,
+        ge=0,
+        description="Most sequences generating at once. 0: og.Engine's configured capacity, "
+        "or 32 for static og.Generator batches (which allow at most 128 over the batches "
+        "stepped in turn). og.Engine never goes above its capacity.",
+    )
+    engine_token_budget: int = Field(
+        default=0,
+        ge=0,
+        description="Prompt tokens plus new-token limits of the running requests together; a "
+        "request that would exceed it waits (a request alone is always admitted). 0: no "
+        "budget.",
+    )
+    engine_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime intra-op threads; 0: onnxruntime's default."
+    )
+    engine_stall_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Requests in flight and no token for this long is an engine stall: they "
+        "fail as `engine-stall`, and the engine is marked broken, so every later request fails "
+        "as `engine-broken` and the breaker opens. Restart such a process.",
+    )
+    engine_mode: Literal["auto", "engine", "generator"] = Field(
+        default="auto",
+        description="`auto`: og.Engine (continuous batching) for models built with paged "
+        "attention, static og.Generator batches otherwise; `engine` or `generator` forces "
+        "one path.",
+    )
+    echo_delay_ms: float = Field(
+        default=0.0, ge=0, description="Delay the echo engine adds to every generation."
+    )
+    echo_fault_file: Path | None = Field(
+        default=None,
+        description="While this file exists, every echo-engine generation fails as a stage "
+        "fault (to rehearse the circuit breaker).",
+    )
 
     @model_validator(mode="after")
     def _check_security(self) -> Settings:
@@ -177,6 +390,49 @@ class Settings(BaseSettings):
             password = self.ssl_key_password.get_secret_value() if self.ssl_key_password else None
             ctx.load_cert_chain(str(self.ssl_certfile), str(self.ssl_keyfile), password)
         return ctx
+
+
+class SettingsGroup(NamedTuple):
+    """A section of the configuration reference: ``first`` and the fields declared after it."""
+
+    title: str
+    first: str
+    intro: str = ""
+
+
+GROUPS: Final[tuple[SettingsGroup, ...]] = (
+    SettingsGroup("Kafka connection and security", "bootstrap_servers"),
+    SettingsGroup("Topics", "topic_prefix"),
+    SettingsGroup(
+        "Conversation log (object storage)",
+        "archive_url",
+        "Where the archiver writes prompts and answers, and where `sluice replay` and "
+        "`sluice restore` read them.",
+    ),
+    SettingsGroup(
+        "Archiver",
+        "archive_max_records",
+        "Each partition's records gather in a chunk, stored as one object when the first of "
+        "these limits is reached.",
+    ),
+    SettingsGroup("Producer client and HTTP gateway", "request_timeout_s"),
+    SettingsGroup("Model and local state", "model_path"),
+    SettingsGroup(
+        "Stage runtime",
+        "batch_max_records",
+        "The loop every stage runs: fetching, backpressure, retries, the circuit breaker, "
+        "shutdown and health.",
+    ),
+    SettingsGroup(
+        "Exactly-once delivery",
+        "exactly_once",
+        "Off by default: delivery is at least once. aiokafka sends no KIP-447 group metadata, "
+        "so a rebalance inside a transaction is not fenced; a stable `SLUICE_INSTANCE_ID` per "
+        "process limits the damage.",
+    ),
+    SettingsGroup("Compute engine", "engine"),
+)
+"""The sections of ``docs/CONFIGURATION.md``, in declaration order of ``Settings``' fields."""
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -54,3 +54,11 @@ def test_sasl_without_credentials_is_refused() -> None:
 def test_bad_values_name_the_field() -> None:
     with pytest.raises(ValidationError, match="partitions"):
         Settings(partitions=0)
+
+
+def test_settings_are_frozen_and_changed_only_by_copying() -> None:
+    s = Settings(partitions=3)
+    with pytest.raises(ValidationError, match="frozen"):
+        s.partitions = 4  # type: ignore[misc]
+    changed = s.model_copy(update={"partitions": 4})
+    assert (s.partitions, changed.partitions) == (3, 4)
