@@ -43,7 +43,7 @@ if [[ ! -f $cache/done ]]; then
   cp -r "$kafka_dir" "$cache/x/kafka/kafka-$KAFKA"
   echo "compressing"
   (cd "$cache/x" && tar cf - onnxruntime onnxruntime_gpu-*.dist-info wheels kafka \
-     | xz -6 -T0 > "$cache/pkg.tar.xz")
+     | xz -1 -T0 > "$cache/pkg.tar.xz")
   (cd "$cache" && split -b 36M -d pkg.tar.xz pkg.part && rm -rf x whl pkg.tar.xz)
   touch "$cache/done"
 fi
