@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +53,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def profiled(out: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``sluice run compute`` under cProfile (the event-loop thread), written at exit."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "sluice.cli.main"]
+    with log_path.open("ab") as log:
+        return subprocess.Popen([*cmd, "run", "compute"], env=env, stdout=log, stderr=log)
 
 
 def prompt_text(model: Path, tokens: int) -> tuple[str, list[int]]:
@@ -207,6 +216,7 @@ async def pipeline_levels(
         state_dir=state,
         max_in_flight=max(2048, 2 * max(args.levels)),
         engine_stall_s=120.0,
+        batch_max_wait_ms=args.batch_wait_ms,
     )
     await admin.create_topics(settings)
     text, ids = prompt_text(args.model, args.prompt)
@@ -218,7 +228,12 @@ async def pipeline_levels(
             port = free_port()
             env = stage_env(settings, SLUICE_HTTP_PORT=str(port), SLUICE_INSTANCE_ID=str(i))
             log_path = state / f"{stage}-{i}.log"
-            procs.append((StageProcess(stage, env, log_path).start(), port))
+            proc = StageProcess(stage, env, log_path)
+            if args.profile is not None and stage == "compute" and i == 0:
+                proc.proc = profiled(args.profile / "compute.prof", env, log_path)
+            else:
+                proc.start()
+            procs.append((proc, port))
     consumer = AIOKafkaConsumer(
         settings.topics.answers,
         **settings.kafka_common(),
@@ -331,8 +346,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="compute processes")
     p.add_argument("--cpu-workers", type=int, default=2, help="preprocess processes")
     p.add_argument("--partitions", type=int, default=12)
+    p.add_argument("--batch-wait-ms", type=int, default=20, help="SLUICE_BATCH_MAX_WAIT_MS")
     p.add_argument("--engine-only", action="store_true", help="the engine alone, no Kafka")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--profile", type=Path, default=None, help="cProfile compute into DIR")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in str(args.levels).split(",") if x]
     return args
