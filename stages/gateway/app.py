@@ -595,9 +595,3 @@ def run_gateway(settings: Settings) -> None:
 def main() -> None:
     setup_logging()
     run_gateway(load_settings())
-
-
-if __name__ == "__main__":
-    from stages.gateway import main as gateway_main  # one module identity, one logger name
-
-    gateway_main()
