@@ -7,24 +7,39 @@
 | generated | `sluice.generated`                       | `GeneratedMessage`                |
 | answers   | `sluice.answer` / `sluice.answer.error`  | `ChatCompletion` / `ErrorAnswer`  |
 
-Every model ignores unknown fields, so a newer producer never breaks an older consumer during a
-rolling upgrade. On the wire (`encode`), Sluice's own messages leave out None fields; answers
-keep OpenAI's explicit nulls (`refusal`, `logprobs`, `param`, `code`) because they are exactly
-the objects OpenAI returns. Sluice facts about an answer (request id, degraded, timings) travel
-in headers, never in the body.
+This module holds the request side: the prompt as a client sends it, and what preprocess and
+compute make of it (sampling parameters, tokens, timings). The answers and OpenAI's error
+objects live in `schemas.answers`, the base model and the codec (`encode`, `decode`) in
+`schemas.wire`; every name is also importable from here.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any, ClassVar, Final, Literal, Self, TypeVar
+from typing import ClassVar, Final, Literal, Self
 
-import orjson
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from schemas.errors import SchemaError, format_loc, validation_error_reason
+from schemas.answers import (
+    CE_ANSWER,
+    CE_ANSWER_ERROR,
+    CIRCUIT_OPEN,
+    CONTEXT_LENGTH_EXCEEDED,
+    INVALID_REQUEST_ERROR,
+    SERVER_ERROR,
+    TIMEOUT,
+    AnswerFinishReason,
+    AssistantMessage,
+    ChatCompletion,
+    Choice,
+    ErrorAnswer,
+    ErrorBody,
+    Usage,
+    decode_answer,
+)
+from schemas.errors import SchemaError
+from schemas.wire import Message, WireModel, decode, encode
 
 __all__ = [
     "CE_ANSWER",
@@ -64,36 +79,10 @@ __all__ = [
 CE_PROMPT: Final = "sluice.prompt"
 CE_TOKENIZED: Final = "sluice.tokenized"
 CE_GENERATED: Final = "sluice.generated"
-CE_ANSWER: Final = "sluice.answer"
-CE_ANSWER_ERROR: Final = "sluice.answer.error"
-
-# OpenAI error `type` values Sluice emits, and the `code` values that refine them.
-INVALID_REQUEST_ERROR: Final = "invalid_request_error"
-SERVER_ERROR: Final = "server_error"
-CONTEXT_LENGTH_EXCEEDED: Final = "context_length_exceeded"
-CIRCUIT_OPEN: Final = "circuit_open"
-TIMEOUT: Final = "timeout"
 
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "error", "content_filter"]
 """Why generation ended; `error` never reaches an answer (it becomes an `ErrorAnswer`)."""
-AnswerFinishReason = Literal["stop", "length", "content_filter"]
-
-M = TypeVar("M", bound="WireModel")
-
-
-class WireModel(BaseModel):
-    """Base of everything Sluice puts on a topic: unknown fields are ignored on decode."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    exclude_none_on_wire: ClassVar[bool] = True
-
-
-class Message(WireModel):
-    """A top-level message; `ce_type` is the CloudEvents type its record carries."""
-
-    ce_type: ClassVar[str]
 
 
 # --- prompts ---------------------------------------------------------------------------------
@@ -255,22 +244,6 @@ class Timings(WireModel):
     answered_at: float | None = None
 
 
-class Usage(WireModel):
-    """Token counts, in OpenAI's `usage` shape."""
-
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
-    total_tokens: int = Field(ge=0)
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Self:
-        return cls(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
-
-
 class TokenizedMessage(Message):
     """A prompt after preprocess: the chat template applied and tokenized."""
 
@@ -307,213 +280,10 @@ class GeneratedMessage(Message):
     error: str | None = None
 
 
-# --- answers ---------------------------------------------------------------------------------
-
-
-class AssistantMessage(WireModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-    refusal: None = None
-
-
-class Choice(WireModel):
-    index: int = Field(default=0, ge=0)
-    message: AssistantMessage
-    finish_reason: AnswerFinishReason
-    logprobs: None = None
-
-
-class ChatCompletion(Message):
-    """Exactly OpenAI's `chat.completion` object (one choice), keys in OpenAI's order."""
-
-    ce_type: ClassVar[str] = CE_ANSWER
-    exclude_none_on_wire: ClassVar[bool] = False
-
-    id: str = Field(min_length=1)
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(ge=0)
-    model: str
-    choices: list[Choice] = Field(min_length=1)
-    usage: Usage
-    system_fingerprint: str | None = None
-
-    @classmethod
-    def build(
-        cls,
-        *,
-        id: str,
-        model: str,
-        content: str,
-        finish_reason: AnswerFinishReason,
-        usage: Usage,
-        created: int | None = None,
-        system_fingerprint: str | None = None,
-    ) -> Self:
-        """A one-choice completion; `created` defaults to now (unix seconds)."""
-        return cls(
-            id=id,
-            created=int(time.time()) if created is None else created,
-            model=model,
-            choices=[
-                Choice(message=AssistantMessage(content=content), finish_reason=finish_reason)
-            ],
-            usage=usage,
-            system_fingerprint=system_fingerprint,
-        )
-
-    @property
-    def content(self) -> str:
-        return self.choices[0].message.content
-
-
-class ErrorBody(WireModel):
-    """OpenAI's error object: `type` is the class of error, `code` refines it."""
-
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-_HTTP_STATUS: Final[dict[str | None, int]] = {CIRCUIT_OPEN: 503, TIMEOUT: 504}
-
-
-class ErrorAnswer(Message):
-    """OpenAI's error response body: `{"error": {"message", "type", "param", "code"}}`."""
-
-    ce_type: ClassVar[str] = CE_ANSWER_ERROR
-    exclude_none_on_wire: ClassVar[bool] = False
-
-    error: ErrorBody
-
-    @classmethod
-    def build(
-        cls,
-        message: str,
-        *,
-        type: str = INVALID_REQUEST_ERROR,
-        code: str | None = None,
-        param: str | None = None,
-    ) -> Self:
-        return cls(error=ErrorBody(message=message, type=type, param=param, code=code))
-
-    @classmethod
-    def invalid_request(cls, message: str, *, param: str | None = None) -> Self:
-        return cls.build(message, type=INVALID_REQUEST_ERROR, param=param)
-
-    @classmethod
-    def from_schema_error(cls, exc: SchemaError) -> Self:
-        return cls.build(exc.message, type=INVALID_REQUEST_ERROR, param=exc.param)
-
-    @classmethod
-    def context_length_exceeded(cls, prompt_tokens: int, max_context: int) -> Self:
-        return cls.build(
-            f"This model's maximum context length is {max_context} tokens. However, your "
-            f"messages resulted in {prompt_tokens} tokens. Please reduce the length of the "
-            "messages.",
-            type=INVALID_REQUEST_ERROR,
-            code=CONTEXT_LENGTH_EXCEEDED,
-            param="messages",
-        )
-
-    @classmethod
-    def circuit_open(cls, message: str | None = None) -> Self:
-        return cls.build(
-            message or "The service is temporarily unavailable (circuit open). Retry later.",
-            type=SERVER_ERROR,
-            code=CIRCUIT_OPEN,
-        )
-
-    @classmethod
-    def timeout(cls, message: str | None = None) -> Self:
-        return cls.build(
-            message or "The request timed out before an answer was generated.",
-            type=SERVER_ERROR,
-            code=TIMEOUT,
-        )
-
-    @classmethod
-    def server_error(cls, message: str | None = None) -> Self:
-        return cls.build(
-            message or "The server had an error while processing your request.",
-            type=SERVER_ERROR,
-        )
-
-    def http_status(self) -> int:
-        """The status an HTTP gateway answers with: 400, 503 (circuit open), 504, else 500."""
-        if self.error.type == INVALID_REQUEST_ERROR:
-            return 400
-        return _HTTP_STATUS.get(self.error.code, 500)
-
-
 MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
     cls.ce_type: cls
     for cls in (PromptMessage, TokenizedMessage, GeneratedMessage, ChatCompletion, ErrorAnswer)
 }
-
-
-# --- codec -----------------------------------------------------------------------------------
-
-
-def encode(model: WireModel) -> bytes:
-    """UTF-8 JSON bytes (orjson); None fields left out except where OpenAI keeps nulls."""
-    return orjson.dumps(
-        model.model_dump(mode="json", exclude_none=type(model).exclude_none_on_wire)
-    )
-
-
-def _json_kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return "a string" if isinstance(value, str) else "an array"
-
-
-def _load_object(data: bytes | None) -> dict[str, Any]:
-    if data is None:
-        raise SchemaError("bad-json", "the message has no value (tombstone)")
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise SchemaError("bad-json", f"the body is not valid UTF-8 JSON: {exc.msg}") from exc
-    if not isinstance(obj, dict):
-        raise SchemaError("schema", f"the body must be a JSON object, not {_json_kind(obj)}")
-    return obj
-
-
-def _schema_error(exc: pydantic.ValidationError) -> SchemaError:
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    first = errors[0] if errors else None
-    empty = first is not None and (
-        first["type"] == "empty_user_message"
-        or (first["type"] == "too_short" and tuple(first["loc"]) == ("messages",))
-    )
-    param = (format_loc(first["loc"]) or None) if first is not None else None
-    return SchemaError("empty-messages" if empty else "schema", validation_error_reason(exc), param)
-
-
-def decode(model_cls: type[M], data: bytes | None) -> M:
-    """Parse bytes into `model_cls`; raises `SchemaError` (`bad-json` or `schema`) otherwise."""
-    obj = _load_object(data)
-    try:
-        return model_cls.model_validate(obj)
-    except pydantic.ValidationError as exc:
-        raise _schema_error(exc) from exc
-
-
-def decode_answer(data: bytes | None) -> ChatCompletion | ErrorAnswer:
-    """Parse an answers-topic value: an error object if it has `error`, else a completion."""
-    obj = _load_object(data)
-    model_cls: type[ChatCompletion | ErrorAnswer] = (
-        ErrorAnswer if "error" in obj else ChatCompletion
-    )
-    try:
-        return model_cls.model_validate(obj)
-    except pydantic.ValidationError as exc:
-        raise _schema_error(exc) from exc
 
 
 def parse_prompt(raw: bytes | None, max_bytes: int) -> PromptMessage:

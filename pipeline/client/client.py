@@ -1,7 +1,7 @@
 """The producer's side of Sluice: publish prompts, get each one's answer back by request id.
 
 ``SluiceClient`` is what a producer uses instead of learning Kafka, and what the HTTP gateway
-(``stages/gateway.py``) is built on, so both share one answer-waiting mechanism:
+(``stages/gateway/``) is built on, so both share one answer-waiting mechanism:
 
 - Prompts go to the prompts topic on an idempotent ``acks=all`` producer, keyed by conversation
   id (the request id when there is none), with the request id in the body's ``id`` and in the
