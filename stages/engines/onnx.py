@@ -187,6 +187,7 @@ class OnnxEngine:
     # ---- the engine thread -----------------------------------------------------------------
 
     def _thread_main(self, ready: asyncio.Future[None]) -> None:
+        """The engine thread: load the model, say so to ``start()``, serve until stopped."""
         loop = self._loop
         assert loop is not None
         try:
@@ -196,7 +197,7 @@ class OnnxEngine:
             return
         loop.call_soon_threadsafe(_set_result, ready, None)
         self._serve(scheduler)
-        # The one place the thread ends once it has started serving: close() asked it to.
+        # The one place the thread ends once it serves: _serve returns when close() stops it.
 
     def _load(self) -> Scheduler:
         """Load the model and build the scheduler for it (on this thread: its og objects are
