@@ -5,6 +5,7 @@ answers topics) instead of straight through the ``RecordProcessor``."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,11 @@ class BrokerPipe:
 async def pipe(settings_factory: Callable[..., Settings]) -> Pipe:
     settings = settings_factory(partitions=1, handler_retries=RETRIES, retry_backoff_ms=1)
     await admin.create_topics(settings)
+    deadline = time.monotonic() + WITHIN_S
+    # A broker may list a topic a moment after creating it; the runner refuses missing topics.
+    while missing := await admin.missing_topics(settings, settings.topics.all_topics()):
+        assert time.monotonic() < deadline, f"topics never listed: {missing}"
+        await asyncio.sleep(0.1)
     topics = settings.topics
     spec = StageSpec(
         "probe",
