@@ -6,14 +6,15 @@ once that object is stored, so it runs its own small loop, with the stage runner
 ``/metrics`` ``/healthz`` ``/readyz``). Layout and record format: ``schemas/archive.py``;
 the reasons behind them: ``docs/ARCHIVE.md``.
 
-Per partition, records go into an open chunk; the chunk is sealed when it reaches
-``archive_max_records`` or ``archive_max_bytes`` or is ``archive_max_age_s`` old. A partition's
-writer stores its sealed chunks one at a time, in order, and commits ``last offset + 1`` after
-each: at most one stored-but-uncommitted object exists per partition, and it starts at the
-committed offset, so whoever redoes the partition writes that same name again. A store failure
-is retried with exponential backoff for as long as it lasts; meanwhile the partition pauses
-(the consumer keeps polling), the group's lag grows and ``sluice_archiver_stalled`` is 1. The
-serving stages never notice: the archiver only reads their topics.
+Per partition, records go into an open chunk (``stages/archive_chunks.py``); the chunk is sealed
+when it reaches ``archive_max_records`` or ``archive_max_bytes`` or is ``archive_max_age_s`` old.
+A partition's writer stores its sealed chunks one at a time, in order, and commits
+``last offset + 1`` after each: at most one stored-but-uncommitted object exists per partition,
+and it starts at the committed offset, so whoever redoes the partition writes that same name
+again. A store failure is retried with exponential backoff for as long as it lasts; meanwhile the
+partition pauses (the consumer keeps polling), the group's lag grows and
+``sluice_archiver_stalled`` is 1. The serving stages never notice: the archiver only reads their
+topics.
 """
 
 from __future__ import annotations
@@ -23,21 +24,19 @@ import logging
 import random
 import signal
 import time
-from collections import deque
-from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pipeline.admin import missing_topics
 from pipeline.config import Settings
 from pipeline.errors import FatalError
 from pipeline.logs import setup_logging
 from pipeline.observability.http import HealthServer
-from pipeline.observability.metrics import LATENCY_BUCKETS
 from pipeline.storage import ObjectStore, StorageError, open_store
-from schemas.archive import encode_line, encode_object, object_key
+from schemas.archive import encode_object
+from stages.archive_chunks import Chunk, PartitionBuffer
+from stages.archive_metrics import ArchiverMetrics
 
 log = logging.getLogger(__name__)
 
@@ -47,157 +46,6 @@ POLL_MS = 200
 REVOKE_DEADLINE_S = 5.0  # a rebalance waits this long for buffered records to be stored
 LAG_INTERVAL_S = 2.0
 THREAD_ENCODE_BYTES = 1 << 20  # gzip larger chunks off the event loop
-
-
-@dataclass
-class Chunk:
-    """Consecutive records of one partition that become one object."""
-
-    tp: TopicPartition
-    first_offset: int
-    opened_at: float
-    lines: list[bytes] = field(default_factory=list)
-    nbytes: int = 0
-    last_offset: int = -1
-
-    def add(self, line: bytes, offset: int) -> None:
-        self.lines.append(line)
-        self.nbytes += len(line)
-        self.last_offset = offset
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    @property
-    def key(self) -> str:
-        return object_key(self.tp.topic, self.tp.partition, self.first_offset)
-
-    @property
-    def next_offset(self) -> int:
-        return self.last_offset + 1
-
-
-class PartitionBuffer:
-    """One partition's open chunk and its sealed chunks waiting to be stored, in offset order."""
-
-    def __init__(self, tp: TopicPartition, max_records: int, max_bytes: int, max_age_s: float):
-        self.tp = tp
-        self.max_records = max_records
-        self.max_bytes = max_bytes
-        self.max_age_s = max_age_s
-        self.open: Chunk | None = None
-        self.sealed: deque[Chunk] = deque()
-        self.ready = asyncio.Event()  # set while sealed chunks wait
-        self.drained = asyncio.Event()  # set when every sealed chunk is stored
-        self.drained.set()
-        self.committed: int | None = None
-        self.paused = False
-
-    def add(
-        self,
-        offset: int,
-        timestamp_ms: int,
-        key: bytes | None,
-        value: bytes | None,
-        headers: list[tuple[str, bytes | None]] | tuple[tuple[str, bytes | None], ...] | None,
-        *,
-        now: float,
-    ) -> None:
-        """Buffer one record; seals the chunk when it is full."""
-        if self.open is None:
-            self.open = Chunk(self.tp, offset, now)
-        self.open.add(encode_line(offset, timestamp_ms, key, value, headers), offset)
-        if len(self.open) >= self.max_records or self.open.nbytes >= self.max_bytes:
-            self.seal()
-
-    def seal(self) -> bool:
-        """Close the open chunk (if it holds records) for storing."""
-        if self.open is None or not self.open.lines:
-            return False
-        self.sealed.append(self.open)
-        self.open = None
-        self.ready.set()
-        self.drained.clear()
-        return True
-
-    def seal_if_older(self, now: float) -> bool:
-        if self.open is not None and now - self.open.opened_at >= self.max_age_s:
-            return self.seal()
-        return False
-
-    @property
-    def buffered(self) -> int:
-        """Records consumed and not yet stored."""
-        return len(self.open or ()) + sum(len(c) for c in self.sealed)
-
-
-class ArchiverMetrics:
-    def __init__(self, topics: list[str]) -> None:
-        self.registry = r = CollectorRegistry()
-        self.consumed = Counter(
-            "sluice_archiver_records_consumed_total", "Records read.", ["topic"], registry=r
-        )
-        self.stored = Counter(
-            "sluice_archiver_records_stored_total",
-            "Records in stored objects.",
-            ["topic"],
-            registry=r,
-        )
-        self.objects = Counter(
-            "sluice_archiver_objects_stored_total", "Objects stored.", ["topic"], registry=r
-        )
-        self.bytes = Counter(
-            "sluice_archiver_stored_bytes_total",
-            "Object bytes (gzip) stored.",
-            ["topic"],
-            registry=r,
-        )
-        self.failures = Counter(
-            "sluice_archiver_store_failures_total",
-            "Failed attempts to store an object (each is retried).",
-            ["topic"],
-            registry=r,
-        )
-        self.store_seconds = Histogram(
-            "sluice_archiver_store_seconds",
-            "Time to store one object.",
-            ["topic"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.commits = Counter("sluice_archiver_commits_total", "Offset commits.", registry=r)
-        self.buffered = Gauge(
-            "sluice_archiver_buffered_records", "Consumed, not yet stored.", registry=r
-        )
-        self.lag = Gauge(
-            "sluice_archiver_lag_records",
-            "End offset minus committed offset over the assigned partitions.",
-            ["topic"],
-            registry=r,
-        )
-        self.stalled = Gauge(
-            "sluice_archiver_stalled", "1 while storing objects fails (retrying).", registry=r
-        )
-        self.paused = Gauge(
-            "sluice_archiver_paused_partitions",
-            "Partitions paused because their objects are not stored yet.",
-            registry=r,
-        )
-        self.last_store = Gauge(
-            "sluice_archiver_last_store_timestamp_seconds",
-            "Unix time an object was last stored.",
-            registry=r,
-        )
-        self.progress = Gauge(
-            "sluice_archiver_loop_progress_timestamp_seconds",
-            "Unix time the fetch loop last polled.",
-            registry=r,
-        )
-        for topic in topics:  # every series exists from the start, at zero
-            for metric in (self.consumed, self.stored, self.objects, self.bytes, self.failures):
-                metric.labels(topic)
-            self.store_seconds.labels(topic)
-            self.lag.labels(topic)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

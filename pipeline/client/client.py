@@ -15,12 +15,14 @@
 - The first answer for a request wins; later copies (at-least-once redeliveries) are counted as
   duplicates and dropped, as are answers that arrive after their request timed out (late).
 
-Outcomes are **result objects**: a request's ``Reply`` holds a ``ChatCompletion`` or an
-``ErrorAnswer`` (an error answer from the pipeline, or a timeout made here, code ``timeout``).
-``Reply.completion()`` turns an error into an ``AnswerError`` exception for callers who prefer
-raising. Only failures of the client itself raise: ``PublishError`` when Kafka does not take a
-prompt, ``ClientStopped`` for requests still waiting when the client stops, ``FatalError`` when
-the answers topic is missing, ``ValueError`` for a request id that is already in flight.
+The matching is ``AnswerRouter`` (``pipeline/client/routing.py``, no Kafka); this module is the
+Kafka side. Outcomes are **result objects**: a request's ``Reply`` holds a ``ChatCompletion`` or
+an ``ErrorAnswer`` (an error answer from the pipeline, or a timeout made here, code
+``timeout``). ``Reply.completion()`` turns an error into an ``AnswerError`` exception for
+callers who prefer raising. Only failures of the client itself raise: ``PublishError`` when
+Kafka does not take a prompt, ``ClientStopped`` for requests still waiting when the client
+stops, ``FatalError`` when the answers topic is missing, ``ValueError`` for a request id that is
+already in flight.
 """
 
 from __future__ import annotations
@@ -29,66 +31,30 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from pipeline.admin import missing_topics
+from pipeline.client.routing import AnswerRouter, Reply
 from pipeline.config import Settings
-from pipeline.errors import FatalError, SluiceError, TransientError
-from schemas.errors import SchemaError
-from schemas.headers import (
-    SLUICE_DEGRADED,
-    SLUICE_REQUEST_ID,
-    SLUICE_TIMINGS,
-    HeadersIn,
-    header_value,
-    make_headers,
-)
-from schemas.messages import (
-    CE_PROMPT,
-    ChatCompletion,
-    ErrorAnswer,
-    PromptMessage,
-    Timings,
-    decode,
-    decode_answer,
-)
+from pipeline.errors import FatalError, TransientError
+from schemas.headers import make_headers
+from schemas.messages import CE_PROMPT, PromptMessage
 
 log = logging.getLogger(__name__)
 
 Prompt = str | Mapping[str, Any] | PromptMessage
 """A user message (text), an OpenAI chat-completions request body, or a ``PromptMessage``."""
-Answer = ChatCompletion | ErrorAnswer
-Outcome = Literal["delivered", "duplicate", "late", "foreign", "undecodable"]
 
-REMEMBER_ANSWERED = 65_536  # request ids kept after their answer, to tell duplicates apart
 HEALTHY_POLL_S = 30.0  # the reply loop must have polled this recently to be healthy
 
 
 # --- errors -----------------------------------------------------------------------------------
-
-
-class AnswerError(SluiceError):
-    """A request was answered with an error (or timed out); ``reply`` has the whole answer."""
-
-    fault = False
-    reason = "error-answer"
-
-    def __init__(self, reply: Reply) -> None:
-        assert isinstance(reply.answer, ErrorAnswer)
-        super().__init__(reply.answer.error.message, reason=reply.answer.error.code)
-        self.reply = reply
-        self.error_answer = reply.answer
-        self.status = reply.status
-
-    def answer(self) -> ErrorAnswer:
-        return self.error_answer
 
 
 class PublishError(TransientError):
@@ -104,34 +70,7 @@ class ClientStopped(TransientError):
     reason = "client-stopped"
 
 
-# --- results ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """How one request ended: its answer, and the Sluice facts that came with it in headers."""
-
-    request_id: str
-    answer: Answer
-    latency_s: float
-    degraded: bool = False
-    timed_out: bool = False
-    timings: Timings | None = None
-
-    @property
-    def ok(self) -> bool:
-        return isinstance(self.answer, ChatCompletion)
-
-    @property
-    def status(self) -> int:
-        """The HTTP status an OpenAI server would answer with: 200, or the error's status."""
-        return 200 if isinstance(self.answer, ChatCompletion) else self.answer.http_status()
-
-    def completion(self) -> ChatCompletion:
-        """The completion; raises ``AnswerError`` for an error answer or a timeout."""
-        if isinstance(self.answer, ChatCompletion):
-            return self.answer
-        raise AnswerError(self)
+# --- prompts ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,139 +102,6 @@ def prepare(prompt: Prompt, request_id: str | None = None) -> Prepared:
     conversation = body.get("conversation_id")
     key = conversation if isinstance(conversation, str) and conversation else rid
     return Prepared(rid, key.encode(), orjson.dumps(body))
-
-
-# --- matching answers to requests (no Kafka) --------------------------------------------------
-
-
-@dataclass(slots=True)
-class RouterStats:
-    delivered: int = 0
-    duplicates: int = 0
-    late: int = 0
-    foreign: int = 0
-    undecodable: int = 0
-    timeouts: int = 0
-
-
-@dataclass(slots=True)
-class _Waiter:
-    future: asyncio.Future[Reply]
-    started: float
-
-
-class AnswerRouter:
-    """Waiters by request id; answers offered to it resolve them, first answer wins.
-
-    Ids are remembered (bounded, oldest forgotten first) after they were answered or timed
-    out, so a later copy is counted as a duplicate or as late rather than as someone else's.
-    """
-
-    def __init__(self, remember: int = REMEMBER_ANSWERED) -> None:
-        self._pending: dict[str, _Waiter] = {}
-        self._finished: OrderedDict[str, bool] = OrderedDict()  # id -> timed out
-        self._remember = remember
-        self.stats = RouterStats()
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._pending
-
-    def expect(self, request_id: str) -> asyncio.Future[Reply]:
-        """Register a waiter (on the running loop) before the request is published."""
-        if request_id in self._pending:
-            raise ValueError(f"request id {request_id!r} is already waiting for an answer")
-        self._finished.pop(request_id, None)
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = _Waiter(future, time.monotonic())
-        return future
-
-    def offer(
-        self, request_id: str | None, value: bytes | None, headers: HeadersIn, where: str = "?"
-    ) -> Outcome:
-        """An answer record: resolve its waiter, or say why it was not used."""
-        if request_id is None or request_id not in self._pending:
-            if request_id is not None and request_id in self._finished:
-                late = self._finished[request_id]
-                if late:
-                    self.stats.late += 1
-                else:
-                    self.stats.duplicates += 1
-                return "late" if late else "duplicate"
-            self.stats.foreign += 1
-            return "foreign"
-        waiter = self._pending.pop(request_id)
-        self._remember_id(request_id, timed_out=False)
-        outcome: Outcome = "delivered"
-        try:
-            answer: Answer = decode_answer(value)
-        except SchemaError as exc:
-            log.error("answer %s for request %s does not decode: %s", where, request_id, exc)
-            self.stats.undecodable += 1
-            answer = ErrorAnswer.server_error("The answer to this request could not be decoded.")
-            outcome = "undecodable"
-        else:
-            self.stats.delivered += 1
-        if not waiter.future.done():
-            waiter.future.set_result(
-                Reply(
-                    request_id=request_id,
-                    answer=answer,
-                    latency_s=time.monotonic() - waiter.started,
-                    degraded=(header_value(headers, SLUICE_DEGRADED) or "").lower() == "true",
-                    timings=_timings(header_value(headers, SLUICE_TIMINGS)),
-                )
-            )
-        return outcome
-
-    def give_up(self, request_id: str) -> Reply | None:
-        """Stop waiting for ``request_id`` (timeout): a timeout reply, or None if not waiting."""
-        waiter = self._pending.pop(request_id, None)
-        if waiter is None:
-            return None
-        self._remember_id(request_id, timed_out=True)
-        self.stats.timeouts += 1
-        reply = Reply(
-            request_id=request_id,
-            answer=ErrorAnswer.timeout(),
-            latency_s=time.monotonic() - waiter.started,
-            timed_out=True,
-        )
-        if not waiter.future.done():
-            waiter.future.set_result(reply)
-        return reply
-
-    def discard(self, request_id: str) -> None:
-        """Forget a waiter whose request was never published (or whose caller went away)."""
-        waiter = self._pending.pop(request_id, None)
-        if waiter is not None:
-            self._remember_id(request_id, timed_out=True)
-            waiter.future.cancel()
-
-    def fail_all(self, error: BaseException) -> None:
-        """Every waiter gets ``error`` (the client is stopping)."""
-        for request_id in list(self._pending):
-            waiter = self._pending.pop(request_id)
-            self._remember_id(request_id, timed_out=True)
-            if not waiter.future.done():
-                waiter.future.set_exception(error)
-
-    def _remember_id(self, request_id: str, *, timed_out: bool) -> None:
-        self._finished[request_id] = timed_out
-        self._finished.move_to_end(request_id)
-        while len(self._finished) > self._remember:
-            self._finished.popitem(last=False)
-
-
-def _timings(raw: str | None) -> Timings | None:
-    if raw is None:
-        return None
-    try:
-        return decode(Timings, raw.encode())
-    except SchemaError:
-        return None
 
 
 # --- the client -------------------------------------------------------------------------------
@@ -523,26 +329,9 @@ class SluiceClient:
             backoff = 0.1
             self._loop_error = None
             self._polled_at = time.monotonic()
-            for tp, records in batches.items():
-                for rec in records:
-                    headers = list(rec.headers or ())
-                    rid = header_value(headers, SLUICE_REQUEST_ID)
-                    where = f"{tp.topic}[{tp.partition}]@{rec.offset}"
-                    outcome = self.router.offer(rid, rec.value, headers, where)
-                    if outcome in ("duplicate", "late"):
-                        log.info("answer %s for request %s ignored: %s", where, rid, outcome)
+            for records in batches.values():
+                for record in records:
+                    self.router.offer_record(record)
 
 
-__all__ = [
-    "Answer",
-    "AnswerError",
-    "AnswerRouter",
-    "ClientStopped",
-    "Prepared",
-    "Prompt",
-    "PublishError",
-    "Reply",
-    "RouterStats",
-    "SluiceClient",
-    "prepare",
-]
+__all__ = ["ClientStopped", "Prepared", "Prompt", "PublishError", "SluiceClient", "prepare"]

@@ -1,18 +1,18 @@
-"""The one stage loop every Sluice service runs.
+"""The one stage loop every Sluice service runs: the Kafka side of a stage.
 
-Consume micro-batches (``getmany``), hand them to the stage's pure handler, produce every output
-with ``acks=all`` on the idempotent producer, and commit an input offset only once all of its
-outputs are acknowledged. Work may finish out of order; ``OffsetTracker`` commits per partition
-up to the highest contiguous finished offset. Failures are retried (``retriable``), then
-dead-lettered to ``<topic>.DLT`` with an error answer to the producer; stage faults feed the
-circuit breaker. The consumer keeps polling while handlers run (partitions are paused, not the
-loop), so ``max_poll_interval_ms`` never trips.
+Consume micro-batches (``getmany``), hand each unit of work to ``RecordProcessor``
+(``pipeline/runtime/processing.py``: breaker → handler → retries → outputs or dead letter, one
+``Decision`` per record, no Kafka inside), produce every output with ``acks=all`` on the
+idempotent producer, and commit an input offset only once all of its outputs are acknowledged.
+Work may finish out of order; ``OffsetTracker`` commits per partition up to the highest
+contiguous finished offset. The consumer keeps polling while handlers run (partitions are
+paused, not the loop), so ``max_poll_interval_ms`` never trips. Rebalances and graceful
+shutdown live here too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections import Counter
@@ -24,16 +24,17 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from pipeline.admin import missing_topics
 from pipeline.config import Settings, Topics
-from pipeline.errors import CircuitOpen, FatalError, SluiceError, StageFault, as_sluice_error
+from pipeline.errors import FatalError
 from pipeline.observability.gpu import GpuCollector
 from pipeline.observability.http import HealthServer
 from pipeline.observability.metrics import StageMetrics
 from pipeline.observability.process import ProcessMemoryCollector
-from pipeline.runtime.batch import Batch, Output, Record, Result
+from pipeline.runtime.backpressure import Change, InFlightBound
+from pipeline.runtime.batch import Batch, Record
 from pipeline.runtime.breaker import BreakerState, CircuitBreaker, ResponseCache
 from pipeline.runtime.offsets import OffsetTracker
-from pipeline.runtime.stage import Handler, output_for
-from schemas.headers import SLUICE_DEGRADED, header_value, make_dlt_headers
+from pipeline.runtime.processing import Decision, RecordProcessor, RetryPolicy, outputs_of
+from pipeline.runtime.stage import Handler
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,14 @@ class StageRunner:
         self.cache = ResponseCache(
             settings.response_cache_size, settings.state_dir / "cache" / f"{self.stage}.json"
         )
+        self.processor = RecordProcessor(
+            handler,
+            group_id=self.group_id,
+            breaker=self.breaker,
+            cache=self.cache,
+            metrics=self.metrics,
+            retry=RetryPolicy(settings.handler_retries, settings.retry_backoff_ms / 1000),
+        )
         self.tracker = OffsetTracker()
         self.http = HealthServer(
             self.metrics.registry, self.healthy, self.ready, settings.http_host, settings.http_port
@@ -87,13 +96,12 @@ class StageRunner:
         self._stopped = asyncio.Event()
         self._txn_lock = asyncio.Lock()
         self._commit_lock = asyncio.Lock()
-        self._paused = False
+        self.backpressure = InFlightBound(settings.max_in_flight)
         self._warm = False
         self._assigned: set[TopicPartition] = set()
         self._last_poll = time.monotonic()
         self._last_finish = time.monotonic()
         self.fatal: BaseException | None = None
-        self._is_async = inspect.iscoroutinefunction(handler.handle)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -298,23 +306,21 @@ class StageRunner:
         consumer = self._consumer
         assert consumer is not None
         in_flight = self.tracker.in_flight
-        bound = self.settings.max_in_flight
-        if not self._paused and in_flight >= bound:
+        change = self.backpressure.update(in_flight)
+        if change is Change.PAUSE:
             consumer.pause(*self._assigned)
-            self._paused = True
             self.metrics.paused.labels(self.stage).set(len(self._assigned))
             log.info(
                 "stage %s: %d in flight >= %d, pausing %d partitions",
                 self.stage,
                 in_flight,
-                bound,
+                self.backpressure.max_records,
                 len(self._assigned),
             )
-        elif self._paused and in_flight <= bound // 2:
+        elif change is Change.RESUME:
             consumer.resume(*self._assigned)
-            self._paused = False
             self.metrics.paused.labels(self.stage).set(0)
-        return max(1, bound - in_flight)
+        return self.backpressure.room(in_flight)
 
     # ---- rebalances ------------------------------------------------------------------------
 
@@ -340,7 +346,7 @@ class StageRunner:
         for tp in assigned:
             self.tracker.assign(tp)
         self._assigned |= assigned
-        if self._paused and self._consumer is not None and assigned:
+        if self.backpressure.paused and self._consumer is not None and assigned:
             self._consumer.pause(*assigned)
         log.info("stage %s: assigned %s", self.stage, sorted(str(tp) for tp in assigned))
         self._update_ready()
@@ -360,9 +366,8 @@ class StageRunner:
             async with self._txn_lock:
                 await self._process_transactional(batch, tp, epoch)
             return
-        results = await self._attempt(batch)
-        outputs = self._outputs(results)
-        await self._produce(outputs)
+        decisions = await self.processor.process(batch)
+        await self._produce(decisions)
         now = time.time()
         latency = self._latency
         for record in batch:
@@ -374,19 +379,20 @@ class StageRunner:
     async def _process_transactional(self, batch: Batch, tp: TopicPartition, epoch: int) -> None:
         producer = self._producer
         assert producer is not None
-        results = await self._attempt(batch)
-        outputs = self._outputs(results)
+        decisions = await self.processor.process(batch)
         async with producer.transaction():
-            await self._produce(outputs)
+            await self._produce(decisions)
             last = batch.records[-1].offset
             await producer.send_offsets_to_transaction({tp: last + 1}, self.group_id)
         for record in batch:
             self.tracker.finish(tp, record.offset, epoch)
         self._last_finish = time.monotonic()
 
-    async def _produce(self, outputs: Sequence[Output]) -> None:
+    async def _produce(self, decisions: Sequence[Decision]) -> None:
+        """Produce every decision's outputs and wait until all are acknowledged."""
         producer = self._producer
         assert producer is not None
+        outputs = outputs_of(decisions)
         try:
             futures = [
                 await producer.send(o.topic, o.value, key=o.key, headers=o.headers) for o in outputs
@@ -397,153 +403,6 @@ class StageRunner:
         per_topic = Counter(o.topic for o in outputs)
         for topic, n in per_topic.items():
             self.metrics.produced.labels(self.stage, topic).inc(n)
-
-    async def _attempt(self, batch: Batch) -> list[Result]:
-        """Results for every record: handled, served from cache, or refused by the breaker."""
-        if self.breaker.state == BreakerState.CLOSED:
-            results = await self._handle_with_retries(batch)
-            self._account(results)
-            return results
-        results = []
-        for record in batch:
-            if self.breaker.admit():
-                result = (await self._handle_with_retries(Batch.of([record])))[0]
-                self._account([result])
-            else:
-                result = self._while_open(record)
-            results.append(result)
-        return results
-
-    def _account(self, results: list[Result]) -> None:
-        """Feed the breaker and the response cache."""
-        for result in results:
-            if result.error is None:
-                self.breaker.success()
-                if result.fingerprint is not None:
-                    self.cache.put(result.fingerprint, result.outputs)
-            elif result.error.fault:
-                self.breaker.fault()
-            else:
-                self.breaker.release_probe()
-
-    def _while_open(self, record: Record) -> Result:
-        fingerprint = self.handler.fingerprint(record)
-        cached = self.cache.get(fingerprint) if fingerprint is not None else None
-        if cached is not None:
-            self.metrics.cache_answers.labels(self.stage).inc()
-            return Result(record, outputs=self.handler.rebind(cached, record))
-        return Result(
-            record,
-            error=CircuitOpen(
-                f"the {self.stage} stage is failing and its circuit breaker is open; "
-                "the request was not attempted and can be re-driven with sluice replay dlq"
-            ),
-        )
-
-    async def _handle_with_retries(self, batch: Batch) -> list[Result]:
-        results = await self._call(batch)
-        backoff = self.settings.retry_backoff_ms / 1000
-        for attempt in range(self.settings.handler_retries):
-            retry = [i for i, r in enumerate(results) if r.error is not None and r.error.retriable]
-            if not retry:
-                break
-            await asyncio.sleep(backoff * (2**attempt))
-            self.metrics.retries.labels(self.stage).inc(len(retry))
-            again = await self._call(Batch.of([results[i].record for i in retry]))
-            for i, result in zip(retry, again, strict=True):
-                results[i] = result
-        for result in results:
-            if result.error is not None and result.error.fatal:
-                raise result.error
-        return results
-
-    async def _call(self, batch: Batch) -> list[Result]:
-        t0 = time.perf_counter()
-        try:
-            if self._is_async:
-                out = await self.handler.handle(batch)  # type: ignore[misc]
-            else:
-                out = await asyncio.to_thread(self.handler.handle, batch)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # becomes a per-record error: counted and dead-lettered
-            error = as_sluice_error(exc)
-            if error.fatal:
-                raise error from exc
-            log.exception(
-                "stage %s: handler raised on %d records from %s",
-                self.stage,
-                len(batch),
-                batch.records[0].where,
-            )
-            return [Result(r, error=error) for r in batch]
-        finally:
-            self.metrics.processing.labels(self.stage).observe(time.perf_counter() - t0)
-            self.metrics.batch_size.labels(self.stage).observe(len(batch))
-        results: list[Result] = list(out)
-        if len(results) != len(batch):
-            error = StageFault(f"handler returned {len(results)} results for {len(batch)} records")
-            return [Result(r, error=error) for r in batch]
-        return results
-
-    def _outputs(self, results: list[Result]) -> list[Output]:
-        outputs: list[Output] = []
-        for result in results:
-            if result.error is None:
-                outputs.extend(_propagate_degraded(result.record, result.outputs))
-            else:
-                outputs.extend(self._failure_outputs(result.record, result.error))
-        return outputs
-
-    def _failure_outputs(self, record: Record, error: SluiceError) -> list[Output]:
-        """A dead letter with the original bytes and the Spring header set, and an error answer."""
-        request_id = record.request_id()
-        log.warning(
-            "stage %s: %s request %s dead-lettered: %s (%s)",
-            self.stage,
-            record.where,
-            request_id,
-            error.reason,
-            error.message,
-        )
-        dead = Output(
-            topic=Topics.dlt(record.topic),
-            key=record.key,
-            value=record.value or b"",
-            headers=make_dlt_headers(
-                record.headers,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                timestamp_ms=record.timestamp_ms,
-                group=self.group_id,
-                reason=error.reason,
-                exc=error,
-                message=error.message,
-            ),
-        )
-        answer = output_for(
-            record,
-            self.spec.answers_topic,
-            error.answer(),
-            stage=self.stage,
-            request_id=request_id,
-            key=record.key,
-        )
-        self.metrics.dead_letters.labels(self.stage, error.reason).inc()
-        self.metrics.error_answers.labels(self.stage, error.reason).inc()
-        return [dead, answer]
-
-
-def _propagate_degraded(record: Record, outputs: list[Output]) -> list[Output]:
-    if header_value(record.headers, SLUICE_DEGRADED) != "true":
-        return outputs
-    return [
-        o
-        if header_value(o.headers, SLUICE_DEGRADED) == "true"
-        else Output(o.topic, o.key, o.value, [*o.headers, (SLUICE_DEGRADED, b"true")])
-        for o in outputs
-    ]
 
 
 async def run_stage(settings: Settings, handler: Handler) -> None:

@@ -1,4 +1,4 @@
-"""The archive layout and record format, the archiver's buffers, and the reader over them."""
+"""The archive layout and record format, and the reader over them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka import TopicPartition
 
 from pipeline.storage import LocalStore
 from replay.archive import ArchiveReader, Window
@@ -21,7 +20,6 @@ from schemas.archive import (
     object_key,
     parse_object_key,
 )
-from stages.archiver import PartitionBuffer
 
 
 def test_object_keys_follow_the_kafka_connect_s3_layout() -> None:
@@ -102,34 +100,6 @@ def test_unreadable_objects_and_lines_fail_loudly() -> None:
         decode_line(b"[1, 2]", "t", 0)
     with pytest.raises(ArchiveFormatError):
         decode_line(b'{"offset": 1, "timestamp": 2, "headers": [["x"]]}', "t", 0)
-
-
-# --- the archiver's per-partition buffer ------------------------------------------------------
-
-
-def test_a_partition_buffer_seals_by_records_bytes_and_age() -> None:
-    tp = TopicPartition("t", 0)
-    by_records = PartitionBuffer(tp, max_records=3, max_bytes=1 << 20, max_age_s=60)
-    for offset in range(7):
-        by_records.add(offset, 0, b"k", b"v", [], now=0.0)
-    assert [(c.first_offset, c.last_offset) for c in by_records.sealed] == [(0, 2), (3, 5)]
-    assert by_records.sealed[1].key == "topics/t/partition=0/t+0+0000000003.jsonl.gz"
-    assert by_records.buffered == 7 and by_records.open is not None
-    assert not by_records.drained.is_set() and by_records.ready.is_set()
-
-    by_bytes = PartitionBuffer(tp, max_records=1000, max_bytes=200, max_age_s=60)
-    for offset in range(10):
-        by_bytes.add(offset, 0, b"k", b"x" * 60, [], now=0.0)
-    assert all(c.nbytes >= 200 for c in by_bytes.sealed)
-    assert sum(len(c) for c in by_bytes.sealed) + len(by_bytes.open or ()) == 10
-
-    by_age = PartitionBuffer(tp, max_records=1000, max_bytes=1 << 20, max_age_s=5)
-    by_age.add(100, 0, None, b"v", [], now=10.0)
-    by_age.add(101, 0, None, b"v", [], now=14.0)
-    assert not by_age.seal_if_older(14.9)
-    assert by_age.seal_if_older(15.0)
-    assert [(c.first_offset, c.next_offset) for c in by_age.sealed] == [(100, 102)]
-    assert not by_age.seal()  # nothing open: nothing to seal
 
 
 # --- the reader -------------------------------------------------------------------------------
