@@ -7,8 +7,8 @@ makes a venv without pip, and installs the wheel into it with this venv's pip
 (``pip --python``), dependencies included. That is a real install from the package index through
 pip's cache, not a shortcut: every dependency the wheel declares is resolved and installed, and
 nothing of this environment or of the checkout is visible to it. With a warm pip cache it takes
-about 20 s (about 90 s when pip must fetch the index pages again); the short ``sluice demo``
-that follows, about 30 s more.
+about 16 s on two busy cores (about 90 s when pip must fetch the index pages again); the
+``sluice demo`` that follows takes 15-50 s.
 
 The commands then run from another temporary folder, with no ``PYTHONPATH`` and no ``SLUICE_*``
 settings: ``sluice --help``, ``sluice run`` against no broker (one error line), and ``sluice
