@@ -70,8 +70,11 @@ class RichProgress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:  # Progress.stop prints a line even when never started
-            self._bar.stop()
+        if self._task is None:  # never started; Progress.stop would still print a line
+            return
+        if exc is not None:  # the command ends in its error line, not in a half-full bar
+            self._bar.live.transient = True
+        self._bar.stop()
 
     def begin(self, phase: str, total: int | None) -> None:
         if self._task is not None:
