@@ -103,6 +103,8 @@ async def wait_for_leaders(
     finally:
         if own:
             await client.close()
+    if not tps:
+        return
     consumer = AIOKafkaConsumer(**settings.kafka_common(), enable_auto_commit=False)
     await consumer.start()
     try:
@@ -207,10 +209,12 @@ async def describe_topics(
         await admin.close()
     partitions = {d["topic"]: sorted(p["partition"] for p in d["partitions"]) for d in described}
     tps = [TopicPartition(t, p) for t in present for p in partitions.get(t, [])]
+    if not tps:  # (aiokafka's consumer, stopped right after it started, raises CancelledError)
+        return [TopicInfo(t, 0, {}) for t in present]
     consumer = AIOKafkaConsumer(**settings.kafka_common(), enable_auto_commit=False)
     await consumer.start()
     try:
-        ends = await consumer.end_offsets(tps) if tps else {}
+        ends = await consumer.end_offsets(tps)
     finally:
         await consumer.stop()
     return [
@@ -235,14 +239,3 @@ async def missing_topics(settings: Settings, names: Iterable[str]) -> list[str]:
     finally:
         await admin.close()
     return [t for t in names if t not in existing]
-
-
-async def cluster_brokers(settings: Settings) -> int:
-    """How many brokers the cluster has: a cheap check that the bootstrap servers answer."""
-    admin = admin_client(settings)
-    await admin.start()
-    try:
-        cluster = await admin.describe_cluster()
-        return len(cluster["brokers"])
-    finally:
-        await admin.close()

@@ -115,8 +115,7 @@ def run(
     if stage not in known:
         raise fail(f"unknown stage {stage!r}; one of: {', '.join(known)}")
     settings = _settings()
-    # Fail now, in one line, rather than inside a server's start-up with its traceback.
-    run_async(admin.cluster_brokers(settings))
+    _preflight(settings)
     if stage == "gateway":
         from stages.gateway import run_gateway
 
@@ -128,6 +127,16 @@ def run(
     else:
         handler = build_handler(stage, settings)
         run_async(run_stage(settings, handler))
+
+
+def _preflight(settings: Settings) -> None:
+    """The broker answers and the flow's topics exist, or one line now: not a traceback from a
+    server's start-up, and not a worker started only to die."""
+    missing = run_async(admin.missing_topics(settings, settings.topics.main_topics()))
+    if missing:
+        raise fail(
+            f"topics missing: {', '.join(missing)} (create them with: sluice topics create)", 3
+        )
 
 
 @app.command()
@@ -164,7 +173,7 @@ def scale(
         if p.stage in chosen
     ]
     settings = _settings()
-    run_async(admin.cluster_brokers(settings))  # no broker: one line, before any worker starts
+    _preflight(settings)
     log_dir = Path(tempfile.mkdtemp(prefix="sluice-scale-"))
     console.print(f"worker logs in {log_dir}; SIGTERM or Ctrl-C stops every worker cleanly")
     supervisor = Supervisor(settings, policies, log_dir, cpu_affinity=cpu_affinity)
