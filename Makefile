@@ -7,10 +7,10 @@ STAMP  := $(VENV)/.installed
 TRAIN  := $(VENV)/.installed-train
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test unit lint typecheck bench up down clean
+.PHONY: help install demo test unit images lint typecheck bench up down clean
 
 help:
-	@echo "make demo | test | unit | lint | typecheck | bench | up | down | clean"
+	@echo "make demo | test | unit | images | lint | typecheck | bench | up | down | clean"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# torch & co. (~4 GB): only the model-build tests and training need them, not the demo.
+# torch & co. (~4 GB): only the model-build tests (marker `tools`) and training need them.
 $(TRAIN): $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,train]'
 	touch $(TRAIN)
@@ -35,8 +35,15 @@ test: $(TRAIN)
 	$(BIN)/python -m infra fetch --minio
 	$(BIN)/pytest -v $(PYTEST_ARGS)
 
-unit: $(TRAIN)
-	$(BIN)/pytest -v -m "not integration" $(PYTEST_ARGS)
+# The base install only: no torch, node or services (tests marked `tools` need those).
+unit: $(STAMP)
+	$(BIN)/pytest -v -m "not integration and not tools" $(PYTEST_ARGS)
+
+# Refresh docs/img/ (the README's dashboard screenshot) from a live run; tests never write there.
+images: $(STAMP)
+	bash infra/chromium/install.sh
+	$(BIN)/python -m infra fetch
+	DOCS_IMG=docs/img $(BIN)/pytest -v tests/integration/test_dashboard.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,15 +12,48 @@ from pathlib import Path
 
 from infra.kafka.broker import BrokerConfig, start_broker, stop_broker
 from infra.kafka.broker import default_state_file as kafka_state_file
-from infra.minio.server import MinioConfig, start_minio, stop_minio
+from infra.minio.server import (
+    TEST_ACCESS_KEY,
+    TEST_SECRET_KEY,
+    MinioConfig,
+    ensure_bucket,
+    start_minio,
+    stop_minio,
+)
 from infra.minio.server import default_state_file as minio_state_file
 from infra.process import ServiceHandle, run_root
+
+# The bucket ``up --minio`` creates, and where in it the archiver writes.
+ARCHIVE_BUCKET = "sluice"
+ARCHIVE_PREFIX = "archive"
 
 
 @dataclass
 class Status:
     kafka: ServiceHandle | None
     minio: ServiceHandle | None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key: str
+    secret_key: str
+
+
+def minio_credentials() -> Credentials:
+    """The root user ``up`` starts MinIO with: fixed, local-only test credentials."""
+    return Credentials(TEST_ACCESS_KEY, TEST_SECRET_KEY)
+
+
+def minio_env(handle: ServiceHandle) -> list[str]:
+    """``NAME=value`` lines that point the archiver (and replay, restore) at this MinIO."""
+    creds = minio_credentials()
+    return [
+        f"SLUICE_ARCHIVE_URL=s3://{ARCHIVE_BUCKET}/{ARCHIVE_PREFIX}",
+        f"SLUICE_S3_ENDPOINT_URL=http://{handle.address}",
+        f"SLUICE_S3_ACCESS_KEY_ID={creds.access_key}",
+        f"SLUICE_S3_SECRET_ACCESS_KEY={creds.secret_key}",
+    ]
 
 
 def _running(path: Path) -> ServiceHandle | None:
@@ -49,8 +82,16 @@ def up(
         current.kafka.save(kafka_state_file())
     if minio and current.minio is None:
         data = run_root() / "minio-data"
-        current.minio = start_minio(MinioConfig(port=minio_port, data_dir=data))
+        creds = minio_credentials()
+        cfg = MinioConfig(
+            port=minio_port,
+            data_dir=data,
+            access_key=creds.access_key,
+            secret_key=creds.secret_key,
+        )
+        current.minio = start_minio(cfg)
         current.minio.save(minio_state_file())
+        ensure_bucket(current.minio, ARCHIVE_BUCKET, creds.access_key, creds.secret_key)
     return current
 
 

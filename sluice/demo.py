@@ -23,6 +23,7 @@ from rich.table import Table
 from infra.kafka.broker import BrokerConfig, start_broker, stop_broker
 from pipeline import admin
 from pipeline.config import PACKAGE_ROOT, Settings
+from pipeline.errors import SluiceError
 from schemas.headers import SLUICE_REQUEST_ID, header_value, make_headers
 from schemas.messages import ChatCompletion, decode_answer
 from sluice.procs import StageProcess, stage_env
@@ -36,6 +37,38 @@ SAMPLES = (
     "Reverse: sluice",
 )
 STAGES = ("preprocess", "compute", "postprocess")
+
+
+class DemoError(SluiceError):
+    """The demo cannot run, or a stage it started died; the message says which and why."""
+
+    fatal = True
+    reason = "demo"
+
+
+def check_model(settings: Settings) -> None:
+    """Refuse to start anything when the model folder cannot serve."""
+    needed = ["tokenizer.json", "tokenizer_config.json"]
+    if settings.engine == "onnx":
+        needed.append("genai_config.json")
+    missing = [name for name in needed if not (settings.model_path / name).is_file()]
+    if missing:
+        raise DemoError(
+            f"model folder {settings.model_path} lacks {', '.join(missing)} "
+            "(SLUICE_MODEL_PATH; unset, it is the demo model that ships with Sluice)"
+        )
+
+
+def check_stages(procs: list[StageProcess]) -> None:
+    """Raise DemoError when a stage process has exited: its answers would never come."""
+    for proc in procs:
+        code = proc.proc.poll() if proc.proc is not None else None
+        if code is not None:
+            lines = proc.log_path.read_text(errors="replace").strip().splitlines()
+            last = f": {lines[-1]}" if lines else ""
+            raise DemoError(
+                f"the {proc.stage} stage exited with code {code}{last} (log: {proc.log_path})"
+            )
 
 
 def _checker() -> Callable[[str, str], bool]:
@@ -73,7 +106,11 @@ async def _publish(
 
 
 async def _answers(
-    settings: Settings, n: int, within: float, prefix: str = ""
+    settings: Settings,
+    n: int,
+    within: float,
+    prefix: str = "",
+    procs: list[StageProcess] | None = None,
 ) -> dict[str, tuple[bytes, float]]:
     consumer = AIOKafkaConsumer(
         settings.topics.answers,
@@ -86,6 +123,7 @@ async def _answers(
     deadline = time.monotonic() + within
     try:
         while len(got) < n and time.monotonic() < deadline:
+            check_stages(procs or [])
             for records in (await consumer.getmany(timeout_ms=200)).values():
                 for rec in records:
                     rid = header_value(list(rec.headers), SLUICE_REQUEST_ID)
@@ -98,6 +136,7 @@ async def _answers(
 
 def run_demo(console: Console, base: Settings) -> int:
     """Returns the number of wrong or missing answers (0 means the demo passed)."""
+    check_model(base)
     workdir = Path(tempfile.mkdtemp(prefix="sluice-demo-"))
     with console.status("starting a local Kafka broker (KRaft)"):
         broker = start_broker(BrokerConfig(data_dir=workdir / "kafka"))
@@ -109,19 +148,22 @@ def run_demo(console: Console, base: Settings) -> int:
         settings.model_fields_set.update({"bootstrap_servers", "state_dir"})
         console.print(
             f"broker  [green]{broker.address}[/]   engine  [cyan]{settings.engine}[/]"
-            f"   model  {settings.model_path}"
+            f"   model  {settings.model_path}",
+            soft_wrap=True,
         )
         asyncio.run(admin.create_topics(settings))
+        groups = [settings.group_id(stage) for stage in STAGES]
+        asyncio.run(admin.wait_for_coordinator(settings, groups))
         for stage in STAGES:
             log = workdir / f"{stage}.log"
             procs.append(StageProcess(stage, stage_env(settings), log).start())
         console.print(f"stages  {', '.join(STAGES)} (logs in {workdir})")
         with console.status("warming up: one request through every stage"):
             warm = asyncio.run(_publish(settings, ["Reverse: abc"], prefix="warmup"))
-            asyncio.run(_answers(settings, len(warm), within=90, prefix="warmup-"))
+            asyncio.run(_answers(settings, len(warm), within=90, prefix="warmup-", procs=procs))
         sent = asyncio.run(_publish(settings, list(SAMPLES)))
         with console.status(f"waiting for {len(sent)} answers"):
-            got = asyncio.run(_answers(settings, len(sent), within=90, prefix="demo-"))
+            got = asyncio.run(_answers(settings, len(sent), within=90, prefix="demo-", procs=procs))
         return _report(console, settings, sent, got)
     finally:
         for proc in procs:

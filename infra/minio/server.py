@@ -6,6 +6,7 @@ proxy resolves; bump it deliberately. The first build takes a few minutes on two
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -144,6 +145,35 @@ def start_minio(cfg: MinioConfig | None = None) -> ServiceHandle:
         f"MinIO was not healthy within {cfg.start_timeout:.0f}s; its log ends:\n"
         + log_tail(log_path)
     )
+
+
+def ensure_bucket(handle: ServiceHandle, bucket: str, access_key: str, secret_key: str) -> None:
+    """Create ``bucket`` unless it is there already (idempotent)."""
+    from botocore.exceptions import BotoCoreError, ClientError  # boto loads slowly: only here
+
+    try:
+        asyncio.run(_create_bucket(f"http://{handle.address}", bucket, access_key, secret_key))
+    except (BotoCoreError, ClientError) as exc:
+        raise InfraError(f"creating bucket {bucket} on MinIO failed: {exc}") from exc
+
+
+async def _create_bucket(endpoint: str, bucket: str, access_key: str, secret_key: str) -> None:
+    import aioboto3
+    from botocore.exceptions import ClientError
+
+    session = aioboto3.Session()
+    async with session.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+    ) as s3:
+        try:
+            await s3.create_bucket(Bucket=bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+                raise
 
 
 def stop_minio(handle: ServiceHandle, timeout: float = 15.0) -> None:

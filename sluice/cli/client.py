@@ -34,18 +34,17 @@ from rich.table import Table
 from pipeline.aio import run_async
 from pipeline.client import Prompt, Reply, SluiceClient
 from pipeline.config import Settings
-from pipeline.errors import SluiceError
 from schemas.messages import ChatCompletion, encode
+from sluice.cli.errors import SluiceGroup, fail
 from sluice.settings import load_settings
 
-app = typer.Typer(help="Send prompts through Sluice and get the answers.", no_args_is_help=True)
+app = typer.Typer(
+    cls=SluiceGroup,
+    help="Send prompts through Sluice and get the answers.",
+    no_args_is_help=True,
+)
 console = Console()
 err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 @app.command()
@@ -69,15 +68,12 @@ def send(
     if conversation_id is not None:
         body["conversation_id"] = conversation_id
     settings = load_settings()
-    try:
-        reply = run_async(_send(settings, body, timeout_s))
-    except SluiceError as exc:
-        raise _fail(str(exc), 3) from exc
+    reply = run_async(_send(settings, body, timeout_s))
     if as_json:
         console.print_json(encode(reply.answer).decode())
     answer = reply.answer
     if not isinstance(answer, ChatCompletion):
-        raise _fail(f"{reply.status} {answer.error.type}: {answer.error.message}", 1)
+        raise fail(f"{reply.status} {answer.error.type}: {answer.error.message}", 1)
     if not as_json:
         console.print(answer.content, highlight=False, markup=False)
 
@@ -104,14 +100,11 @@ def infer(
     """Send every prompt of a JSONL file; write the answers in input order."""
     try:
         prompts = read_prompts(file)
-    except (OSError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+    except ValueError as exc:  # not JSON; a missing file is an OSError, for SluiceGroup
+        raise fail(str(exc)) from exc
     settings = load_settings()
     t0 = time.monotonic()
-    try:
-        replies = run_async(_infer(settings, prompts, batch_size, max_in_flight, timeout_s))
-    except SluiceError as exc:
-        raise _fail(str(exc), 3) from exc
+    replies = run_async(_infer(settings, prompts, batch_size, max_in_flight, timeout_s))
     elapsed = time.monotonic() - t0
     lines = b"".join(orjson.dumps(answer_line(i, r)) + b"\n" for i, r in enumerate(replies))
     if str(out) == "-":
@@ -138,10 +131,9 @@ async def _infer(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err, transient=False) as progress:
-        task = progress.add_task("connecting", total=len(prompts))
-        async with SluiceClient(settings, source="cli") as client:
-            progress.update(task, description="answers")
+    async with SluiceClient(settings, source="cli") as client:
+        with Progress(*columns, console=err, transient=False) as progress:
+            task = progress.add_task("answers", total=len(prompts))
             return await client.infer(
                 prompts,
                 batch_size=batch_size,

@@ -1,4 +1,9 @@
-"""The ``sluice`` command line."""
+"""The ``sluice`` command line.
+
+Expected failures (no broker, a wrong address, a missing model or file, a bad setting) end a
+command with one ``error: …`` line and a non-zero exit (``sluice.cli.errors``); ``--verbose``
+shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +16,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from infra import local
-from infra.process import InfraError
 from pipeline import admin
 from pipeline.aio import run_async
 from pipeline.config import Settings
 from pipeline.logs import setup_logging
 from sluice.cli import client as cli_client
 from sluice.cli import ops as cli_ops
+from sluice.cli.errors import SluiceGroup, fail
+from sluice.cli.lognoise import quiet_startup_noise
 from sluice.cli.replay import register as register_replay
 from sluice.settings import load_settings
 
 app = typer.Typer(
+    cls=SluiceGroup,
     help="Sluice: LLM serving as an event-driven pipeline over Kafka.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -40,14 +47,15 @@ def _settings() -> Settings:
     return load_settings()
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}")
-    return typer.Exit(code)
-
-
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logs; tracebacks for every failure.")
+    ] = False,
+) -> None:
     setup_logging(verbose)
+    if not verbose:
+        quiet_startup_noise()
 
 
 @app.command()
@@ -55,17 +63,25 @@ def up(
     minio: Annotated[bool, typer.Option(help="Start MinIO too.")] = False,
     port: Annotated[int, typer.Option(help="Broker port (0: a free one).")] = 0,
 ) -> None:
-    """Start the local Kafka broker (KRaft) and optionally MinIO; idempotent."""
-    try:
-        with console.status("starting local services (first run fetches Kafka / builds MinIO)"):
-            st = local.up(minio=minio, kafka_port=port)
-    except InfraError as exc:
-        raise _fail(str(exc)) from exc
+    """Start the local Kafka broker (KRaft) and optionally MinIO; idempotent.
+
+    With --minio it prints MinIO's credentials and the environment that points the archiver
+    (and replay / restore) at a bucket there.
+    """
+    with console.status("starting local services (first run fetches Kafka / builds MinIO)"):
+        st = local.up(minio=minio, kafka_port=port)
     if st.kafka:
         console.print(f"kafka  [green]{st.kafka.address}[/] (log {st.kafka.log_path})")
         console.print(f"       export SLUICE_BOOTSTRAP_SERVERS={st.kafka.address}")
     if st.minio:
-        console.print(f"minio  [green]http://{st.minio.address}[/]")
+        creds = local.minio_credentials()
+        console.print(
+            f"minio  [green]http://{st.minio.address}[/] (log {st.minio.log_path})\n"
+            f"       user {creds.access_key}, password {creds.secret_key} (local use only)\n"
+            "       to archive there (sluice run archiver; replay and restore read it too):"
+        )
+        for line in local.minio_env(st.minio):
+            console.print(f"       export {line}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -80,12 +96,9 @@ def demo() -> None:
     """The whole pipeline on one machine: broker, topics, three stages, sample prompts."""
     from sluice.demo import run_demo
 
-    try:
-        bad = run_demo(console, _settings())
-    except InfraError as exc:
-        raise _fail(str(exc)) from exc
+    bad = run_demo(console, _settings())
     if bad:
-        raise _fail(f"{bad} answers were wrong or missing", 1)
+        raise fail(f"{bad} answers were wrong or missing", 1)
 
 
 @app.command()
@@ -95,31 +108,35 @@ def run(
     ],
 ) -> None:
     """Run one stage until SIGTERM/SIGINT (graceful: finish in-flight work, commit, leave)."""
-    from pipeline.errors import SluiceError
     from pipeline.runtime.runner import run_stage
     from stages.registry import STAGES, build_handler
 
+    known = [*STAGES, "archiver", "gateway"]
+    if stage not in known:
+        raise fail(f"unknown stage {stage!r}; one of: {', '.join(known)}")
+    settings = _settings()
+    _preflight(settings)
     if stage == "gateway":
         from stages.gateway import run_gateway
 
-        run_gateway(_settings())
-        return
-    if stage == "archiver":
+        run_gateway(settings)
+    elif stage == "archiver":
         from sluice.cli.replay import run_archiver_command
 
-        try:
-            run_archiver_command(_settings())
-        except SluiceError as exc:
-            raise _fail(str(exc), 3) from exc
-        return
-    if stage not in STAGES:
-        raise _fail(f"unknown stage {stage!r}; one of: {', '.join(STAGES)}")
-    settings = _settings()
-    try:
+        run_archiver_command(settings)
+    else:
         handler = build_handler(stage, settings)
         run_async(run_stage(settings, handler))
-    except SluiceError as exc:
-        raise _fail(str(exc), 3) from exc
+
+
+def _preflight(settings: Settings) -> None:
+    """The broker answers and the flow's topics exist, or one line now: not a traceback from a
+    server's start-up, and not a worker started only to die."""
+    missing = run_async(admin.missing_topics(settings, settings.topics.main_topics()))
+    if missing:
+        raise fail(
+            f"topics missing: {', '.join(missing)} (create them with: sluice topics create)", 3
+        )
 
 
 @app.command()
@@ -145,7 +162,7 @@ def scale(
     chosen = set(stages or [p.stage for p in DEFAULT_POLICIES])
     unknown = chosen - {p.stage for p in DEFAULT_POLICIES}
     if unknown:
-        raise _fail(f"unknown stage(s): {', '.join(sorted(unknown))}")
+        raise fail(f"unknown stage(s): {', '.join(sorted(unknown))}")
     policies = [
         dataclasses.replace(
             p,
@@ -156,6 +173,7 @@ def scale(
         if p.stage in chosen
     ]
     settings = _settings()
+    _preflight(settings)
     log_dir = Path(tempfile.mkdtemp(prefix="sluice-scale-"))
     console.print(f"worker logs in {log_dir}; SIGTERM or Ctrl-C stops every worker cleanly")
     supervisor = Supervisor(settings, policies, log_dir, cpu_affinity=cpu_affinity)
@@ -173,13 +191,25 @@ def scale(
 def topics_create(
     partitions: Annotated[int | None, typer.Option(help="Partitions per topic.")] = None,
 ) -> None:
-    """Create every Sluice topic and its .DLT twin (idempotent)."""
+    """Create every Sluice topic and its .DLT twin (idempotent).
+
+    Returns once every partition has a leader and the stages' consumer groups have a
+    coordinator, so stages started next join without retries.
+    """
     settings = _settings()
     created, existing = asyncio.run(admin.create_topics(settings, partitions=partitions))
+    asyncio.run(admin.wait_for_coordinator(settings, stage_groups(settings)))
     for name in created:
         console.print(f"created  {name}")
     for name in existing:
         console.print(f"exists   {name}")
+
+
+def stage_groups(settings: Settings) -> list[str]:
+    """The consumer groups of every stage that reads a topic."""
+    from stages.registry import STAGES
+
+    return [settings.group_id(stage) for stage in (*STAGES, "archiver")]
 
 
 @topics_app.command("list")
@@ -201,7 +231,7 @@ def topics_list_for(settings: Settings) -> None:
     console.print(table)
     missing = set(settings.topics.all_topics()) - {i.name for i in infos}
     if missing:
-        raise _fail(f"missing topics: {', '.join(sorted(missing))} (run: sluice topics create)", 1)
+        raise fail(f"missing topics: {', '.join(sorted(missing))} (run: sluice topics create)", 1)
 
 
 model_app = typer.Typer(help="Build model folders for the compute stage.", no_args_is_help=True)
@@ -245,7 +275,7 @@ def model_build(
     except modelbuild.BuildError as exc:
         for line in exc.tail:
             err.print(escape(line), highlight=False, soft_wrap=True)
-        raise _fail(str(exc), 1) from exc
+        raise fail(str(exc), 1) from exc
     summary = modelbuild.summarize(built)
     table = Table(title=f"{summary.path}", show_header=False)
     table.add_row("type", summary.model_type)

@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -26,6 +25,7 @@ from rich.table import Table
 from pipeline.aio import run_async
 from pipeline.config import Settings
 from pipeline.logs import setup_logging
+from sluice.cli.errors import SluiceGroup
 from sluice.dashboard import DEFAULT_DASHBOARD_PORT, Dashboard
 from sluice.lag import (
     DEFAULT_EXPORTER_PORT,
@@ -37,7 +37,9 @@ from sluice.lag import (
 )
 from sluice.settings import load_settings
 
-app = typer.Typer(help="Lag and the live dashboard.", pretty_exceptions_show_locals=False)
+app = typer.Typer(
+    cls=SluiceGroup, help="Lag and the live dashboard.", pretty_exceptions_show_locals=False
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -200,8 +202,6 @@ def lag(
             _print_once(run_async(_read_once(settings, selector)), json)
     except KeyboardInterrupt:
         return
-    except (KafkaError, TimeoutError) as exc:
-        raise _fail(f"reading lag from {settings.bootstrap_servers} failed: {exc}") from exc
 
 
 def _print_once(snapshot: LagSnapshot, as_json: bool) -> None:
@@ -211,11 +211,6 @@ def _print_once(snapshot: LagSnapshot, as_json: bool) -> None:
         err.print("no consumer groups match (see --group, --all-groups)")
     else:
         console.print(lag_table(snapshot))
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(2)
 
 
 @app.command()
@@ -250,10 +245,7 @@ def dashboard(
         finally:
             await board.stop()
 
-    try:
-        run_async(main())
-    except (KafkaError, TimeoutError) as exc:
-        raise _fail(f"the dashboard cannot reach {settings.bootstrap_servers}: {exc}") from exc
+    run_async(main())
 
 
 def register(sluice: typer.Typer) -> None:

@@ -13,7 +13,6 @@ from types import TracebackType
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
-from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -28,17 +27,18 @@ from rich.table import Table
 
 from pipeline.aio import run_async
 from pipeline.config import Settings
-from pipeline.errors import SluiceError
 from pipeline.logs import setup_logging
 from pipeline.storage import open_store
 from replay.archive import Window
 from replay.common import ReplaySummary, parse_time
+from sluice.cli.errors import SluiceGroup, fail
 from sluice.settings import load_settings
 
 T = TypeVar("T")
 
 replay_app = typer.Typer(
     help="Re-drive work: archived prompts, or dead letters from a .DLT topic.",
+    cls=SluiceGroup,
     no_args_is_help=True,
 )
 console = Console()
@@ -62,8 +62,7 @@ class RichProgress:
         self._task: TaskID | None = None
 
     def __enter__(self) -> RichProgress:
-        self._bar.start()
-        return self
+        return self  # the bar starts with the first phase: a failed start prints nothing
 
     def __exit__(
         self,
@@ -71,12 +70,18 @@ class RichProgress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._task is None:  # never started; Progress.stop would still print a line
+            return
+        if exc is not None:  # the command ends in its error line, not in a half-full bar
+            self._bar.live.transient = True
         self._bar.stop()
 
     def begin(self, phase: str, total: int | None) -> None:
         if self._task is not None:
             done = self._bar.tasks[-1].completed
             self._bar.update(self._task, total=done, completed=done)
+        else:
+            self._bar.start()
         self._task = self._bar.add_task(phase, total=total, status="")
 
     def advance(self, n: int = 1, **counts: int) -> None:
@@ -86,19 +91,15 @@ class RichProgress:
         self._bar.update(self._task, advance=n, status=status)
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
-
-
 def _run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run one tool on the event loop; operational failures end the command with a message."""
+    """Run one tool on the event loop; a bad argument it finds ends the command in one line.
+
+    Kafka, storage and other expected failures reach ``SluiceGroup``, which does the same.
+    """
     try:
         return run_async(work())
-    except KafkaError as exc:
-        raise _fail(f"Kafka: {exc}") from exc
-    except (SluiceError, ValueError) as exc:
-        raise _fail(str(exc) or type(exc).__name__) from exc
+    except ValueError as exc:
+        raise fail(str(exc) or type(exc).__name__) from exc
 
 
 def _print_summary(summary: ReplaySummary) -> None:
@@ -149,9 +150,9 @@ def replay_prompts(
     from replay.prompts import replay_prompts as run_replay
 
     if (from_offset is not None or to_offset is not None) and not partition:
-        raise _fail("--from-offset/--to-offset need --partition")
+        raise fail("--from-offset/--to-offset need --partition")
     if (check_topic or retry_errors) and not unanswered:
-        raise _fail("--check-topic and --retry-errors go with --unanswered")
+        raise fail("--check-topic and --retry-errors go with --unanswered")
     try:
         window = Window.of(
             partition,
@@ -161,7 +162,7 @@ def replay_prompts(
             parse_time(until) if until else None,
         )
     except ValueError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     settings = load_settings()
     options = PromptReplayOptions(
         window=window,
@@ -288,7 +289,7 @@ def register(app: typer.Typer) -> None:
 
 def standalone() -> typer.Typer:
     """These commands as their own app (``python -m sluice.cli.replay``)."""
-    app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False)
+    app = typer.Typer(cls=SluiceGroup, no_args_is_help=True, pretty_exceptions_show_locals=False)
 
     @app.callback()
     def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:

