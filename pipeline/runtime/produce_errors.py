@@ -10,6 +10,10 @@ anything, and it is fatal: the process exits and is restarted.
 
 ``send_outputs`` is the loop's produce step with this split made: it sends every output, makes
 dead letters fit, and returns the outputs refused at record level with the error to answer with.
+Its ``max_request_size`` must not exceed the smallest ``max.message.bytes`` of the topics the
+stage writes (and the producer's own ``max_request_size``): then nothing too large reaches the
+broker, which matters because the idempotent producer does not survive a broker-side refusal
+(the next send to that partition fails with ``OutOfOrderSequenceNumber``, which is fatal).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from aiokafka.errors import (
 
 from pipeline.errors import FatalError, InvalidInput, SluiceError
 from pipeline.runtime.batch import Output
-from pipeline.runtime.dead_letters import fit_to_request
+from pipeline.runtime.dead_letters import fit_to_request, fits
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,13 @@ async def send_outputs(
         out = output
         if _is_dlt(output.topic):
             out = fit_to_request(output, max_request_size)
+        elif not fits(output, max_request_size):
+            # Refused here, never sent: with the idempotent producer, a batch the broker
+            # refuses leaves a gap in the partition's sequence numbers, and the next send to
+            # that partition fails with OutOfOrderSequenceNumber (fatal).
+            too_large = MessageSizeTooLargeError(f"larger than {max_request_size} bytes")
+            refused.append(_refusal(i, out, too_large, stage))
+            continue
         try:
             future = await producer.send(
                 out.topic, out.wire_value, key=out.key, headers=out.headers
