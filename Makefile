@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TRAIN  := $(VENV)/.installed-train
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test unit lint typecheck bench up down clean
+.PHONY: help install demo test unit lint typecheck bench up down clean chaos
 
 help:
 	@echo "make demo | test | unit | lint | typecheck | bench | up | down | clean"
@@ -45,6 +45,12 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# Fault injection at CI scale (broker and stage kills, hostile records, engine crash); the
+# larger run is bench/chaos.py. Plain `make test` deselects these.
+chaos: $(STAMP)
+	$(BIN)/python -m infra fetch
+	$(BIN)/pytest -v -m chaos tests/chaos $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.transport
