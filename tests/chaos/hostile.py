@@ -30,7 +30,7 @@ SURVIVABLE = (
     "wrong-cloudevents-version",
     "random-key",
 )
-OVERSIZED = "over-producer-limit"  # ~1 MB: the broker takes it, its dead letter does not fit
+OVERSIZED = "over-producer-limit"  # ~1 MiB: the broker takes it, its dead letter does not fit
 UNDECODABLE = "non-utf8-header-key"  # aiokafka cannot unpack the batch
 
 
@@ -64,8 +64,8 @@ def _value(kind: str, rng: random.Random, max_prompt_bytes: int) -> bytes | None
         base = len(_prompt(""))
         size = max_prompt_bytes - base - 1 if kind == "near-prompt-limit" else max_prompt_bytes
         return _prompt("a" * size)
-    if kind == OVERSIZED:
-        return _prompt("b" * 1_000_000)
+    if kind == OVERSIZED:  # the broker's default limit is 1,048,588 bytes per batch
+        return _prompt("b" * (1_048_300 - len(_prompt(""))))
     if kind == "deep-nesting":
         depth = rng.choice([100, 1000, 10_000])
         return b'{"messages": ' + b"[" * depth + b"]" * depth + b"}"
