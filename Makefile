@@ -7,10 +7,10 @@ STAMP  := $(VENV)/.installed
 TRAIN  := $(VENV)/.installed-train
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test unit images lint typecheck bench up down clean
+.PHONY: help install demo test unit images lint typecheck bench up down clean chaos
 
 help:
-	@echo "make demo | test | unit | images | lint | typecheck | bench | up | down | clean"
+	@echo "make demo | test | unit | chaos | images | lint | typecheck | bench | up | down | clean"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# Fault injection at CI scale (broker and stage kills, hostile records, engine crash); the
+# larger run is bench/chaos.py. Plain `make test` deselects these.
+chaos: $(STAMP)
+	$(BIN)/python -m infra fetch
+	$(BIN)/pytest -v -m chaos tests/chaos $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.transport

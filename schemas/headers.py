@@ -57,6 +57,7 @@ __all__ = [
     "SLUICE_REQUEST_ID",
     "SLUICE_TIMINGS",
     "SPECVERSION",
+    "TIMESTAMP_TYPE_NAMES",
     "TRACEPARENT",
     "TRACESTATE",
     "DeadLetterInfo",
@@ -77,6 +78,7 @@ __all__ = [
     "parse_dlt_headers",
     "parse_headers",
     "parse_traceparent",
+    "timestamp_type_name",
 ]
 
 Headers = list[tuple[str, bytes]]
@@ -357,6 +359,16 @@ def decode_dlt_int(value: bytes) -> int:
     raise ValueError(f"not a dead-letter integer header: {len(value)} bytes, neither 4 nor 8")
 
 
+# Kafka's TimestampType ids and the names Spring writes for them (TimestampType.toString()).
+TIMESTAMP_TYPE_NAMES: Final = {0: "CreateTime", 1: "LogAppendTime"}
+
+
+def timestamp_type_name(timestamp_type: int) -> str:
+    """``CreateTime`` (0) or ``LogAppendTime`` (1), as Spring writes the header; anything else
+    (-1, a record without a timestamp) is ``NoTimestampType``, Kafka's name for it."""
+    return TIMESTAMP_TYPE_NAMES.get(timestamp_type, "NoTimestampType")
+
+
 def _fqcn(exc: BaseException) -> str:
     cls = type(exc)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -373,6 +385,7 @@ def make_dlt_headers(
     reason: str,
     exc: BaseException | None = None,
     message: str | None = None,
+    timestamp_type: int = 0,
 ) -> Headers:
     """The headers of a dead letter: the original ones plus the Spring Kafka set.
 
@@ -380,7 +393,9 @@ def make_dlt_headers(
     so a record carries one set. The exception's class and text come from `exc`; `message`
     replaces its text in both the message and the stack-trace headers (for exceptions whose text
     might quote a prompt). Without `exc`, the message is `message` or else `reason`. The stack
-    trace is capped at `MAX_STACKTRACE_BYTES`. Null original values become empty.
+    trace is capped at `MAX_STACKTRACE_BYTES`. `timestamp_type` is Kafka's id (0 CreateTime,
+    1 LogAppendTime), written by name as Spring writes it. Null original header values become
+    empty.
     """
     headers: Headers = [
         (name, value or b"") for name, value in original or () if name.lower() not in _DLT_SET
@@ -390,6 +405,7 @@ def make_dlt_headers(
         (DLT_ORIGINAL_PARTITION, encode_int32(partition)),
         (DLT_ORIGINAL_OFFSET, encode_int64(offset)),
         (DLT_ORIGINAL_TIMESTAMP, encode_int64(timestamp_ms)),
+        (DLT_ORIGINAL_TIMESTAMP_TYPE, timestamp_type_name(timestamp_type).encode()),
         (DLT_ORIGINAL_CONSUMER_GROUP, group.encode()),
     ]
     text = message if message is not None else (str(exc) if exc is not None else reason)
@@ -422,6 +438,7 @@ class DeadLetterInfo:
     exception_message: str | None
     stacktrace: str | None
     reason: str | None
+    timestamp_type: str | None = None  # CreateTime / LogAppendTime (Spring only)
 
 
 def _int_header(headers: HeadersIn, name: str) -> int | None:
@@ -453,6 +470,7 @@ def parse_dlt_headers(headers: HeadersIn | None) -> DeadLetterInfo | None:
             exception_message=header_value(headers, DLT_EXCEPTION_MESSAGE),
             stacktrace=header_value(headers, DLT_EXCEPTION_STACKTRACE),
             reason=reason,
+            timestamp_type=header_value(headers, DLT_ORIGINAL_TIMESTAMP_TYPE),
         )
     if header_bytes(headers, CONNECT_ERRORS_TOPIC) is not None:
         return DeadLetterInfo(

@@ -179,6 +179,8 @@ class Supervisor:
                 continue
             del st.workers[slot]
             if worker.stopping:
+                if slot < st.scaler.current:  # scaled up again while it was stopping
+                    self._start(st, slot)
                 continue
             n = st.restarts.get(slot, 0)
             delay = min(30.0, 2.0**n)

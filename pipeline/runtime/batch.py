@@ -28,11 +28,13 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: Headers
+    timestamp_type: int = 0  # Kafka's: 0 CreateTime (set by the producer), 1 LogAppendTime
 
     @classmethod
     def of(cls, source: Any, timestamp_ms: int) -> Record:
         """A copy of an aiokafka ``ConsumerRecord`` or an archived record (the same field names
-        but the timestamp's); ``None`` header values, which both allow, become ``b""``."""
+        but the timestamp's; an archived record has no timestamp type and counts as
+        CreateTime); ``None`` header values, which both allow, become ``b""``."""
         return cls(
             topic=source.topic,
             partition=source.partition,
@@ -41,6 +43,7 @@ class Record:
             key=source.key,
             value=source.value,
             headers=[(k, v if v is not None else b"") for k, v in (source.headers or ())],
+            timestamp_type=int(getattr(source, "timestamp_type", 0) or 0),
         )
 
     @property
@@ -75,12 +78,19 @@ def derived_request_id(topic: str, partition: int, offset: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """One record to produce."""
+    """One record to produce. ``tombstone``: produce a null value (``value`` is then ``b""``),
+    so that the dead letter of a null record is null too, not empty."""
 
     topic: str
     key: bytes | None
     value: bytes
     headers: Headers
+    tombstone: bool = False
+
+    @property
+    def wire_value(self) -> bytes | None:
+        """What goes to the producer: ``None`` for a tombstone, else the value."""
+        return None if self.tombstone else self.value
 
 
 @dataclass(slots=True)

@@ -3,7 +3,8 @@
 Closed: work flows; each fault adds to a run of consecutive faults, each success ends it. At
 ``threshold`` consecutive faults the breaker opens: work is not attempted. After ``cooldown_s``
 it half-opens: exactly one record is let through as a probe; success closes it, a fault opens
-it again for another cool-down.
+it again for another cool-down. A fault reported while it is already open (work admitted before
+it opened, finishing late) is counted but does not restart the cool-down.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class CircuitBreaker:
 
     def fault(self) -> None:
         self.consecutive_faults += 1
+        if self.state == BreakerState.OPEN:
+            return  # a late fault: the cool-down runs from when it opened
         self._probe_out = False
         if self.state == BreakerState.HALF_OPEN or self.consecutive_faults >= self.threshold:
             self._opened_at = self._clock()
@@ -93,12 +96,23 @@ class ResponseCache:
     """Exact request fingerprint -> the outputs of its last good answer; LRU-bounded.
 
     Persisted as one JSON file in the state folder (written atomically), so a restarted stage
-    still answers from it.
+    still answers from it: on shutdown, and every ``save_every_s`` while it runs (the loop
+    calls ``save_if_due``), so a killed stage loses at most that much.
     """
 
-    def __init__(self, capacity: int, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        path: Path | None = None,
+        *,
+        save_every_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.capacity = capacity
         self.path = path
+        self.save_every_s = save_every_s
+        self._clock = clock
+        self._saved_at = clock()
         self._items: OrderedDict[str, list[Output]] = OrderedDict()
         self.dirty = False
 
@@ -120,6 +134,21 @@ class ResponseCache:
             self._items.popitem(last=False)
         self.dirty = True
 
+    def save_if_due(self) -> bool:
+        """Save when there is something new and ``save_every_s`` has passed since the last
+        save; True when it saved. Cheap to call often (the loop's commit tick)."""
+        if not self.dirty or self.path is None:
+            return False
+        if self._clock() - self._saved_at < self.save_every_s:
+            return False
+        try:
+            self.save()
+        except OSError as exc:  # a full or read-only disk must not stop serving
+            log.warning("response cache %s could not be saved (%s); will retry", self.path, exc)
+            self._saved_at = self._clock()
+            return False
+        return True
+
     def save(self) -> None:
         if self.path is None or not self.dirty:
             return
@@ -130,6 +159,7 @@ class ResponseCache:
                     "key": base64.b64encode(o.key).decode() if o.key is not None else None,
                     "value": base64.b64encode(o.value).decode(),
                     "headers": [[k, base64.b64encode(v).decode()] for k, v in o.headers],
+                    "tombstone": o.tombstone,
                 }
                 for o in outputs
             ]
@@ -140,6 +170,7 @@ class ResponseCache:
         tmp.write_bytes(orjson.dumps(data))
         os.replace(tmp, self.path)
         self.dirty = False
+        self._saved_at = self._clock()
 
     def load(self) -> None:
         """Read the persisted cache; an unreadable or foreign file means starting empty."""
@@ -154,6 +185,7 @@ class ResponseCache:
                         key=base64.b64decode(o["key"]) if o["key"] is not None else None,
                         value=base64.b64decode(o["value"]),
                         headers=[(k, base64.b64decode(v)) for k, v in o["headers"]],
+                        tombstone=bool(o.get("tombstone", False)),
                     )
                     for o in outputs
                 ]

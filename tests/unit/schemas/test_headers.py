@@ -39,6 +39,7 @@ from schemas import (
     parse_headers,
     parse_traceparent,
 )
+from schemas.headers import DLT_ORIGINAL_TIMESTAMP_TYPE
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -271,6 +272,7 @@ def test_spring_dlt_headers_round_trip() -> None:
     assert header_bytes(headers, DLT_ORIGINAL_PARTITION) == b"\x00\x00\x00\x02"
     assert header_bytes(headers, DLT_ORIGINAL_OFFSET) == encode_int64(41)
     assert header_bytes(headers, DLT_ORIGINAL_TIMESTAMP) == encode_int64(1_732_000_000_123)
+    assert header_bytes(headers, DLT_ORIGINAL_TIMESTAMP_TYPE) == b"CreateTime"
     info = parse_dlt_headers(headers)
     assert info is not None
     assert info.convention == "spring"
@@ -282,7 +284,28 @@ def test_spring_dlt_headers_round_trip() -> None:
     assert info.stacktrace is not None
     assert "Traceback" in info.stacktrace
     assert info.reason == "schema"
+    assert info.timestamp_type == "CreateTime"
     assert parse_headers(headers).request_id == "req-1"
+
+
+@pytest.mark.parametrize(
+    ("timestamp_type", "written"),
+    [(0, b"CreateTime"), (1, b"LogAppendTime"), (-1, b"NoTimestampType")],
+)
+def test_the_timestamp_type_is_written_by_name_as_spring_does(
+    timestamp_type: int, written: bytes
+) -> None:
+    headers = make_dlt_headers(
+        [(DLT_ORIGINAL_TIMESTAMP_TYPE, b"stale")],
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=0,
+        group="g",
+        reason="schema",
+        timestamp_type=timestamp_type,
+    )
+    assert [v for k, v in headers if k == DLT_ORIGINAL_TIMESTAMP_TYPE] == [written]
 
 
 def test_dead_lettering_twice_keeps_one_set() -> None:

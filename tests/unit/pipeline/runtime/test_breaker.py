@@ -386,3 +386,50 @@ def test_cache_load_of_a_json_file_of_the_wrong_shape_starts_empty(
     cache = ResponseCache(4, path)
     cache.load()
     assert len(cache) == 0
+
+
+def test_a_late_fault_while_open_does_not_extend_the_cooldown() -> None:
+    breaker, clock, changes = _breaker(threshold=3, cooldown_s=10.0)
+    _open(breaker)
+    clock.now += 9.0
+    breaker.fault()  # work admitted before it opened, finishing late
+    breaker.fault()
+    assert breaker.consecutive_faults == 5
+    clock.now += 1.0
+    assert breaker.admit()  # 10 s after opening, not after the late faults
+    assert _state(breaker) == BreakerState.HALF_OPEN
+    assert changes == [BreakerState.OPEN, BreakerState.HALF_OPEN]
+
+
+def test_the_cache_is_saved_periodically_not_only_at_shutdown(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "cache.json"
+    cache = ResponseCache(4, path, save_every_s=30.0, clock=clock)
+    assert not cache.save_if_due()  # nothing to save
+    cache.put("fp", [Output("t", None, b"v", [])])
+    assert not cache.save_if_due()  # not yet due
+    assert not path.exists()
+    clock.now += 30.0
+    assert cache.save_if_due()
+    assert path.exists()
+    assert not cache.save_if_due()  # clean again
+    cache.put("fp2", [Output("t", None, b"w", [], tombstone=True)])
+    clock.now += 29.0
+    assert not cache.save_if_due()
+    clock.now += 1.0
+    assert cache.save_if_due()
+    again = ResponseCache(4, path)
+    again.load()
+    assert again.get("fp") == [Output("t", None, b"v", [])]
+    assert again.get("fp2") == [Output("t", None, b"w", [], tombstone=True)]
+
+
+def test_a_failed_periodic_save_is_retried_later_not_raised(tmp_path: Path) -> None:
+    clock = FakeClock()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cache = ResponseCache(4, blocker / "cache.json", save_every_s=5.0, clock=clock)
+    cache.put("fp", [Output("t", None, b"v", [])])
+    clock.now += 5.0
+    assert not cache.save_if_due()
+    assert cache.dirty
