@@ -16,6 +16,7 @@ from pipeline import admin
 from pipeline.aio import run_async
 from pipeline.config import Settings
 from pipeline.logs import setup_logging
+from pipeline.observability.crash import CrashReporter
 from sluice.cli import client as cli_client
 from sluice.cli import ops as cli_ops
 from sluice.cli.replay import register as register_replay
@@ -94,32 +95,47 @@ def run(
         str, typer.Argument(help="preprocess | compute | postprocess | archiver | gateway")
     ],
 ) -> None:
-    """Run one stage until SIGTERM/SIGINT (graceful: finish in-flight work, commit, leave)."""
+    """Run one stage until SIGTERM/SIGINT (graceful: finish in-flight work, commit, leave).
+
+    A fatal error, an engine death or an unhandled exception writes a crash report to
+    <state_dir>/crash/ before the process exits non-zero (see ``sluice doctor``)."""
     from pipeline.errors import SluiceError
+    from pipeline.observability import crash
+    from stages.registry import STAGES
+
+    if stage not in (*STAGES, "gateway", "archiver"):
+        raise _fail(f"unknown stage {stage!r}; one of: {', '.join(STAGES)}, archiver, gateway")
+    settings = _settings()
+    reporter = crash.install(settings, stage)
+    try:
+        _run_stage(stage, settings, reporter)
+    except SluiceError as exc:
+        reporter.write(None, exc)
+        raise _fail(str(exc), 3) from exc
+    except Exception as exc:
+        reporter.write(None, exc)
+        raise
+    finally:
+        reporter.close()
+
+
+def _run_stage(stage: str, settings: Settings, reporter: CrashReporter) -> None:
     from pipeline.runtime.runner import run_stage
-    from stages.registry import STAGES, build_handler
+    from stages.registry import build_handler
 
     if stage == "gateway":
         from stages.gateway import run_gateway
 
-        run_gateway(_settings())
+        run_gateway(settings)
         return
     if stage == "archiver":
         from sluice.cli.replay import run_archiver_command
 
-        try:
-            run_archiver_command(_settings())
-        except SluiceError as exc:
-            raise _fail(str(exc), 3) from exc
+        run_archiver_command(settings)
         return
-    if stage not in STAGES:
-        raise _fail(f"unknown stage {stage!r}; one of: {', '.join(STAGES)}")
-    settings = _settings()
-    try:
-        handler = build_handler(stage, settings)
-        run_async(run_stage(settings, handler))
-    except SluiceError as exc:
-        raise _fail(str(exc), 3) from exc
+    handler = build_handler(stage, settings)
+    reporter.add_inflight(getattr(getattr(handler, "engine", None), "inflight", None))
+    run_async(run_stage(settings, handler))
 
 
 @app.command()
