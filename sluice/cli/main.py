@@ -18,6 +18,7 @@ from pipeline.config import Settings
 from pipeline.logs import setup_logging
 from pipeline.observability.crash import CrashReporter
 from sluice.cli import client as cli_client
+from sluice.cli import doctor as cli_doctor
 from sluice.cli import ops as cli_ops
 from sluice.cli.replay import register as register_replay
 from sluice.settings import load_settings
@@ -30,6 +31,7 @@ app = typer.Typer(
 topics_app = typer.Typer(help="Create and inspect Sluice topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 cli_ops.register(app)
+cli_doctor.register(app)
 register_replay(app)
 app.command("send")(cli_client.send)
 app.command("infer")(cli_client.infer)
