@@ -53,6 +53,7 @@ class EchoEngine:
         self.stall_file = stall_file
         self.stall_s = stall_s
         self._ballast: list[bytearray] = []
+        self._stalled: FatalError | None = None  # once stalled, every waiter fails with it
         self._inflight: dict[str, tuple[GenerationRequest, float]] = {}
 
     def inflight(self) -> list[dict[str, Any]]:
@@ -129,6 +130,8 @@ class EchoEngine:
         assert self.stall_file is not None
         t0 = time.monotonic()
         while self.stall_file.exists():
+            if self._stalled is not None:
+                raise self._stalled
             waited = time.monotonic() - t0
             if waited > self.stall_s:
                 error = FatalError(
@@ -136,6 +139,7 @@ class EchoEngine:
                     f"with {len(self._inflight)} requests in flight",
                     reason="engine-stall",
                 )
+                self._stalled = error
                 crash.report("engine-stall", error)
                 raise error
             await asyncio.sleep(min(0.1, self.stall_s / 10))
