@@ -53,7 +53,7 @@ class EchoEngine:
         self.stall_file = stall_file
         self.stall_s = stall_s
         self._ballast: list[bytearray] = []
-        self._stalled: FatalError | None = None  # once stalled, every waiter fails with it
+        self._broken: FatalError | None = None  # a dead engine: every request fails with it
         self._inflight: dict[str, tuple[GenerationRequest, float]] = {}
 
     def inflight(self) -> list[dict[str, Any]]:
@@ -90,6 +90,8 @@ class EchoEngine:
 
     async def _generate(self, request: GenerationRequest) -> Generation:
         t0 = time.perf_counter()
+        if self._broken is not None:
+            raise self._broken
         if self.fault_file is not None and self.fault_file.exists():
             raise StageFault(
                 "echo engine: fault injected (fault file present)", reason="engine-fault"
@@ -122,6 +124,7 @@ class EchoEngine:
                 f"echo engine: out of memory after holding {held >> 20} MiB", reason="engine-oom"
             )
             error.__cause__ = exc
+            self._broken = error
             crash.report("out-of-memory", error, held_bytes=held)
             raise error from exc
 
@@ -130,8 +133,8 @@ class EchoEngine:
         assert self.stall_file is not None
         t0 = time.monotonic()
         while self.stall_file.exists():
-            if self._stalled is not None:
-                raise self._stalled
+            if self._broken is not None:
+                raise self._broken
             waited = time.monotonic() - t0
             if waited > self.stall_s:
                 error = FatalError(
@@ -139,7 +142,7 @@ class EchoEngine:
                     f"with {len(self._inflight)} requests in flight",
                     reason="engine-stall",
                 )
-                self._stalled = error
+                self._broken = error
                 crash.report("engine-stall", error)
                 raise error
             await asyncio.sleep(min(0.1, self.stall_s / 10))
