@@ -7,10 +7,10 @@ STAMP  := $(VENV)/.installed
 TRAIN  := $(VENV)/.installed-train
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test unit lint typecheck bench up down clean
+.PHONY: help install demo test unit lint typecheck bench up down clean images
 
 help:
-	@echo "make demo | test | unit | lint | typecheck | bench | up | down | clean"
+	@echo "make demo | test | unit | lint | typecheck | bench | up | down | images | clean"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.transport
 	$(BIN)/python -m bench.gateway_load
+
+# Refresh the screenshots in docs/img/ (tests render them on every run, keep them only here).
+images: $(TRAIN)
+	bash infra/chromium/install.sh
+	SLUICE_REFRESH_IMAGES=1 $(BIN)/pytest -v tests/integration/test_doctor.py
 
 up: $(STAMP)
 	$(BIN)/sluice up --minio
