@@ -19,7 +19,7 @@ from sluice.crashes import CrashFile, list_reports
 from sluice.procs import StageProcess, stage_env
 from sluice.supervisor import Supervisor
 from stages.text import TextModel
-from tests.integration.kafka_io import produce
+from tests.integration.kafka_io import Item, produce
 from tests.paths import REPO_ROOT
 
 MODEL = REPO_ROOT / "models" / "demo" / "tokenizer"
@@ -112,7 +112,9 @@ async def test_a_worker_out_of_memory_under_an_rlimit_is_reported_as_such(
         vm = _vm_size(proc.pid)
         # The address space it has now plus 256 MiB: the hook's chunks run into the limit.
         resource.prlimit(proc.pid, resource.RLIMIT_AS, (vm + (256 << 20), vm + (256 << 20)))
-        items = [(f"c{i}".encode(), _tokenized(f"oom-{i}", f"hello {i}"), []) for i in range(16)]
+        items: list[Item] = [
+            (f"c{i}".encode(), _tokenized(f"oom-{i}", f"hello {i}"), []) for i in range(16)
+        ]
         await produce(settings, settings.topics.tokenized, items)
         found = await _reports(
             settings.state_dir / "crash", lambda f: f.cause == "out-of-memory", within=60
@@ -152,7 +154,9 @@ async def test_a_stalled_engine_reports_its_in_flight_requests_and_no_prompt_tex
     env = stage_env(settings, SLUICE_ECHO_STALL_FILE=str(stall), SLUICE_ENGINE_STALL_S="3")
     proc = StageProcess("compute", env, tmp_path / "compute.log").start()
     try:
-        items = [(b"c", _tokenized(f"stuck-{i}", f"{SECRET} part {i}"), []) for i in range(3)]
+        items: list[Item] = [
+            (b"c", _tokenized(f"stuck-{i}", f"{SECRET} part {i}"), []) for i in range(3)
+        ]
         await produce(settings, settings.topics.tokenized, items)
         assert proc.proc is not None
         code = await asyncio.to_thread(proc.proc.wait, 90)
