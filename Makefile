@@ -44,6 +44,7 @@ images: $(STAMP)
 	bash infra/chromium/install.sh
 	$(BIN)/python -m infra fetch
 	DOCS_IMG=docs/img $(BIN)/pytest -v tests/integration/test_dashboard.py $(PYTEST_ARGS)
+	SLUICE_REFRESH_IMAGES=1 $(BIN)/pytest -v tests/integration/test_doctor.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

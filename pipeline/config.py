@@ -348,6 +348,42 @@ class Settings(BaseSettings):
         description="While this file exists, every echo-engine generation fails as a stage "
         "fault (to rehearse the circuit breaker).",
     )
+    echo_oom_file: Path | None = Field(
+        default=None,
+        description="Echo engine fault hook: while this file exists, every generation allocates "
+        "and keeps echo_oom_chunk_mb more memory, until the process runs out of it.",
+    )
+    echo_oom_chunk_mb: int = Field(
+        default=64, ge=1, description="Memory (MiB) the echo OOM hook allocates per generation."
+    )
+    echo_stall_file: Path | None = Field(
+        default=None,
+        description="Echo engine fault hook: while this file exists, generations make no "
+        "progress; after engine_stall_s the engine declares a stall and the process exits.",
+    )
+
+    # Crash reports and the supervisor's death reports
+    crash_log_lines: int = Field(
+        default=200,
+        ge=0,
+        description="Log lines kept in memory and written into a crash report (never prompts).",
+    )
+    crash_copy_to_archive: bool = Field(
+        default=True,
+        description="Also copy each crash report to the archive's object store, under crash/.",
+    )
+    crash_loop_deaths: int = Field(
+        default=5,
+        ge=2,
+        description="sluice scale: this many deaths of one stage's workers within "
+        "crash_loop_window_s is a crash loop: reported, and restarts are backed off.",
+    )
+    crash_loop_window_s: float = Field(
+        default=300.0, gt=0, description="The window in which crash_loop_deaths are counted."
+    )
+    crash_loop_backoff_s: float = Field(
+        default=300.0, ge=0, description="How long a crash-looping stage waits to restart."
+    )
 
     @model_validator(mode="after")
     def _check_security(self) -> Settings:

@@ -3,9 +3,11 @@
 Every second the supervisor reads each stage's consumer-group lag on its input topic, feeds
 the stage's ``StageScaler``, and starts workers (``sluice run <stage>``) or stops the newest
 ones with SIGTERM (they finish in-flight work, commit and leave the group: scale-in loses
-nothing). A worker that dies is restarted with exponential backoff. Each worker gets a stable
-slot number as ``SLUICE_INSTANCE_ID`` (exactly-once stages need it), and, with
-``cpu_affinity``, is pinned to one CPU.
+nothing). A worker that dies is restarted with exponential backoff; one that died without a
+crash report of its own gets one from the supervisor, and a stage that keeps dying is reported
+as crash-looping and backed off (``sluice.deaths``). Each worker gets a stable slot number as
+``SLUICE_INSTANCE_ID`` (exactly-once stages need it), and, with ``cpu_affinity``, is pinned to
+one CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pipeline.admin import describe_topics
 from pipeline.config import Settings
 from pipeline.observability.http import HealthServer
 from pipeline.scaling import Decision, ScalePolicy, StageScaler
+from sluice.deaths import DeathWatch
 from sluice.lag import GroupSelector, LagReader
 from sluice.procs import StageProcess, stage_env
 
@@ -101,6 +104,7 @@ class Supervisor:
             watch_topics=[st.topic for st in self.stages.values()],
         )
         self._last_round = 0.0
+        self.deaths = DeathWatch(settings)
         self.http = HealthServer(
             self.registry, self._healthy, self._ready, settings.http_host, settings.http_port
         )
@@ -150,6 +154,7 @@ class Supervisor:
         if cpus is not None and proc.proc is not None:
             os.sched_setaffinity(proc.proc.pid, cpus)
         st.workers[slot] = Worker(slot, proc)
+        self.deaths.started(st.stage, slot, proc)
         log.info("started %s worker %d (pid %s)", st.stage, slot, proc.proc and proc.proc.pid)
 
     def _stop_worker(self, st: StageState, slot: int) -> None:
@@ -179,11 +184,12 @@ class Supervisor:
                 continue
             del st.workers[slot]
             if worker.stopping:
+                self.deaths.stopped(st.stage, slot)
                 if slot < st.scaler.current:  # scaled up again while it was stopping
                     self._start(st, slot)
                 continue
             n = st.restarts.get(slot, 0)
-            delay = min(30.0, 2.0**n)
+            delay = max(min(30.0, 2.0**n), self.deaths.died(st.stage, slot, worker.proc))
             st.restarts[slot] = n + 1
             st.next_restart[slot] = now + delay
             log.warning(
@@ -230,6 +236,7 @@ class Supervisor:
                     self._reap(st, now)
                     self.workers_gauge.labels(st.stage, "desired").set(st.scaler.current)
                     self.workers_gauge.labels(st.stage, "running").set(self.running(st.stage))
+                await self.deaths.observe()
                 self._last_round = time.monotonic()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.interval_s)

@@ -27,7 +27,15 @@ def build_handler(name: str, settings: Settings) -> Handler:
         if settings.engine == "echo":
             from stages.engines.echo import EchoEngine
 
-            engine = EchoEngine(text, settings.echo_delay_ms / 1000, settings.echo_fault_file)
+            engine = EchoEngine(
+                text,
+                settings.echo_delay_ms / 1000,
+                settings.echo_fault_file,
+                oom_file=settings.echo_oom_file,
+                oom_chunk=settings.echo_oom_chunk_mb << 20,
+                stall_file=settings.echo_stall_file,
+                stall_s=settings.engine_stall_s,
+            )
         else:
             from stages.engines.onnx import OnnxEngine
 

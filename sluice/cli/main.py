@@ -20,7 +20,9 @@ from pipeline import admin
 from pipeline.aio import run_async
 from pipeline.config import Settings
 from pipeline.logs import setup_logging
+from pipeline.observability.crash import CrashReporter
 from sluice.cli import client as cli_client
+from sluice.cli import doctor as cli_doctor
 from sluice.cli import ops as cli_ops
 from sluice.cli.errors import SluiceGroup, fail
 from sluice.cli.lognoise import quiet_startup_noise
@@ -36,6 +38,7 @@ app = typer.Typer(
 topics_app = typer.Typer(help="Create and inspect Sluice topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 cli_ops.register(app)
+cli_doctor.register(app)
 register_replay(app)
 app.command("send")(cli_client.send)
 app.command("infer")(cli_client.infer)
@@ -107,15 +110,32 @@ def run(
         str, typer.Argument(help="preprocess | compute | postprocess | archiver | gateway")
     ],
 ) -> None:
-    """Run one stage until SIGTERM/SIGINT (graceful: finish in-flight work, commit, leave)."""
-    from pipeline.runtime.runner import run_stage
-    from stages.registry import STAGES, build_handler
+    """Run one stage until SIGTERM/SIGINT (graceful: finish in-flight work, commit, leave).
+
+    A fatal error, an engine death or an unhandled exception writes a crash report to
+    <state_dir>/crash/ before the process exits non-zero (see ``sluice doctor``)."""
+    from pipeline.observability import crash
+    from stages.registry import STAGES
 
     known = [*STAGES, "archiver", "gateway"]
     if stage not in known:
         raise fail(f"unknown stage {stage!r}; one of: {', '.join(known)}")
     settings = _settings()
     _preflight(settings)
+    reporter = crash.install(settings, stage)
+    try:
+        _run_stage(stage, settings, reporter)
+    except Exception as exc:
+        reporter.write(None, exc)  # never hides exc: the CLI's error mapping still reports it
+        raise
+    finally:
+        reporter.close()
+
+
+def _run_stage(stage: str, settings: Settings, reporter: CrashReporter) -> None:
+    from pipeline.runtime.runner import run_stage
+    from stages.registry import build_handler
+
     if stage == "gateway":
         from stages.gateway import run_gateway
 
@@ -126,6 +146,7 @@ def run(
         run_archiver_command(settings)
     else:
         handler = build_handler(stage, settings)
+        reporter.add_inflight(getattr(getattr(handler, "engine", None), "inflight", None))
         run_async(run_stage(settings, handler))
 
 
