@@ -17,6 +17,7 @@ from pipeline.aio import run_async
 from pipeline.config import Settings
 from pipeline.logs import setup_logging
 from sluice.cli import client as cli_client
+from sluice.cli import cutover as cli_cutover
 from sluice.cli import ops as cli_ops
 from sluice.cli.replay import register as register_replay
 from sluice.settings import load_settings
@@ -29,6 +30,7 @@ app = typer.Typer(
 topics_app = typer.Typer(help="Create and inspect Sluice topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 cli_ops.register(app)
+cli_cutover.register(app)
 register_replay(app)
 app.command("send")(cli_client.send)
 app.command("infer")(cli_client.infer)
