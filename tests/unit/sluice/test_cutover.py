@@ -39,7 +39,7 @@ def test_green_offsets_on_a_partition_blue_never_committed_count_as_ahead() -> N
 
 
 def test_both_serving_is_refused() -> None:
-    with pytest.raises(CutoverError, match="green already has 1 member.* while blue has 2"):
+    with pytest.raises(CutoverError, match=r"green already has 1 member.* while blue has 2"):
         assess(view("blue", 2, p0=1), view("green", 1, p0=1))
 
 
