@@ -174,6 +174,16 @@ def test_two_releases_differ_by_group_suffix() -> None:
     assert set(config) <= known, sorted(set(config) - known)
 
 
+def test_a_paused_release_runs_no_stage_until_keda_is_unpaused() -> None:
+    docs = render("--set", "paused=true", "--set", "groupSuffix=green", release="sluice-green")
+    for stage in ("preprocess", "compute", "postprocess", "archiver"):
+        assert find(docs, "Deployment", f"sluice-green-{stage}")["spec"]["replicas"] == 0
+    for stage in ("preprocess", "compute", "postprocess"):
+        scaled = find(docs, "ScaledObject", f"sluice-green-{stage}")["metadata"]
+        assert scaled["annotations"]["autoscaling.keda.sh/paused-replicas"] == "0"
+    assert "annotations" not in find(render(), "ScaledObject", "sluice-compute")["metadata"]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--set", "stages.compute.gpu=true", "--set", "stages.compute.gpuCount=0"],
      "stages.compute.gpu is true but stages.compute.gpuCount is 0"),
