@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from prometheus_client import Gauge
+
 from pipeline.config import Settings
 from pipeline.errors import InvalidInput, as_sluice_error
 from pipeline.runtime.batch import Batch, Output, Record, Result
@@ -35,6 +37,13 @@ class Compute:
         )
         self.engine = engine
         self.out_topic = topics.generated
+        # The waiting-tokens signal `sluice scale` and KEDA's Prometheus trigger scale on.
+        self.pending_tokens = Gauge(
+            "sluice_compute_pending_tokens",
+            "Prompt plus requested max new tokens of the requests handed to the engine and "
+            "not finished yet (running or waiting for a slot).",
+            registry=None,
+        )
 
     async def handle(self, batch: Batch) -> list[Result]:
         return list(await asyncio.gather(*(self._one(r) for r in batch)))
@@ -45,10 +54,14 @@ class Compute:
         except SchemaError as exc:
             return Result(record, error=InvalidInput.from_schema(exc))
         started = time.time()
+        tokens = len(msg.input_ids) + (msg.sampling.max_tokens or 0)
+        self.pending_tokens.inc(tokens)
         try:
             gen = await self.engine.generate(GenerationRequest(msg.id, msg.input_ids, msg.sampling))
         except Exception as exc:  # noqa: BLE001 - per-record failure: flags decide retry/DLT
             return Result(record, error=as_sluice_error(exc))
+        finally:
+            self.pending_tokens.dec(tokens)
         waited = max(0.0, started - (msg.timings.preprocessed_at or started))
         timings = msg.timings.model_copy(
             update={
@@ -98,9 +111,9 @@ class Compute:
         )
 
     def collectors(self) -> list[Any]:
-        """The engine's own metrics (running, waiting, tokens, TTFT, queue time)."""
+        """Pending tokens, and the engine's own metrics (running, waiting, tokens, TTFT, queue)."""
         collectors: list[Any] = getattr(self.engine, "collectors", list)()
-        return collectors
+        return [self.pending_tokens, *collectors]
 
     async def warmup(self) -> None:
         await self.engine.start()
