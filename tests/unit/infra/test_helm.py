@@ -107,7 +107,7 @@ def test_scaled_objects_carry_the_scaling_policies() -> None:
         spec = find(docs, "ScaledObject", f"sluice-{policy.stage}")["spec"]
         kafka = spec["triggers"][0]
         assert kafka["type"] == "kafka"
-        assert kafka["metadata"]["lagThreshold"] == str(policy.lag_threshold)
+        assert kafka["metadata"]["lagThreshold"] == str(policy.lag_per_worker)
         assert kafka["metadata"]["consumerGroup"] == Settings().group_id(policy.stage)
         assert spec["minReplicaCount"] == policy.min_workers
         assert spec["maxReplicaCount"] == policy.max_workers

@@ -39,8 +39,8 @@ class GatedEngine:
 
 
 def pending(compute: Compute) -> float:
-    (sample,) = compute.pending_tokens.collect()[0].samples
-    return sample.value
+    ((sample,),) = [metric.samples for metric in compute.pending_tokens.collect()]
+    return float(sample.value)
 
 
 async def test_pending_tokens_count_prompt_and_max_new_tokens_until_each_finishes() -> None:
