@@ -7,6 +7,7 @@ their offsets are committed as they finish; the loop's in-flight bound is the ad
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,9 +21,11 @@ from pipeline.runtime.stage import StageSpec, output_for, rebind_ids
 from schemas.errors import SchemaError
 from schemas.messages import GeneratedMessage, TokenizedMessage, Usage, decode
 from stages.engines.base import Engine, GenerationRequest
+from stages.engines.providers import check_providers
 from stages.text import fingerprint
 
 STAGE = "compute"
+log = logging.getLogger(__name__)
 
 
 class Compute:
@@ -36,6 +39,7 @@ class Compute:
             output_topics=(topics.generated,),
         )
         self.engine = engine
+        self.model_path = settings.model_path
         self.out_topic = topics.generated
         # The waiting-tokens signal `sluice scale` and KEDA's Prometheus trigger scale on.
         self.pending_tokens = Gauge(
@@ -116,6 +120,8 @@ class Compute:
         return [self.pending_tokens, *collectors]
 
     async def warmup(self) -> None:
+        if self.engine.name == "onnx":  # which provider, or a clear error before loading
+            log.info("compute engine: %s", check_providers(self.model_path).describe())
         await self.engine.start()
 
     async def close(self) -> None:

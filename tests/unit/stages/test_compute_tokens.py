@@ -1,13 +1,18 @@
-"""Compute's pending-tokens gauge: what ``sluice scale`` and KEDA read as waiting tokens."""
+"""Compute's pending-tokens gauge (what ``sluice scale`` and KEDA read as waiting tokens) and its
+provider check before the onnx engine loads."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+
+import pytest
 
 from pipeline.config import Settings
 from pipeline.runtime.batch import Batch
 from stages.compute import Compute
 from stages.engines.base import Generation, GenerationRequest
+from stages.engines.providers import EngineSetupError
 from stages.text import TextModel
 from tests.unit.stages.test_stages import MODEL, _tokenized_record
 
@@ -21,9 +26,10 @@ class GatedEngine:
         self.gate = asyncio.Event()
         self.all_started = asyncio.Event()
         self.started = 0
+        self.loaded = False
 
     async def start(self) -> None:
-        return None
+        self.loaded = True
 
     async def generate(self, request: GenerationRequest) -> Generation:
         self.started += 1
@@ -63,3 +69,15 @@ async def test_pending_tokens_count_prompt_and_max_new_tokens_until_each_finishe
     assert [r.error is not None for r in results] == [False, True, False]
     assert pending(compute) == 0  # failures give their tokens back too
     assert compute.pending_tokens in compute.collectors()
+
+
+async def test_warmup_checks_the_onnx_provider_before_loading(tmp_path: Path) -> None:
+    (tmp_path / "genai_config.json").write_text(
+        '{"model": {"decoder": {"session_options": {"provider_options": [{"cuda": {}}]}}}}'
+    )
+    engine = GatedEngine()
+    engine.name = "onnx"
+    compute = Compute(Settings(model_path=tmp_path, topic_prefix="t."), engine)
+    with pytest.raises(EngineSetupError, match=r"sluice-llm\[cuda\]"):
+        await compute.warmup()  # this test environment is the CPU install
+    assert not engine.loaded
