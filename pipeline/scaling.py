@@ -62,8 +62,14 @@ DEFAULT_POLICIES = (
     ScalePolicy("preprocess", lag_threshold=200, min_workers=1, max_workers=6),
     # in_flight_per_worker: the CPU engine's static batch (32); sluice scale uses
     # SLUICE_ENGINE_MAX_BATCH instead when it is set (a GPU engine holds more).
-    ScalePolicy("compute", lag_threshold=50, token_threshold=16384, in_flight_per_worker=32,
-                min_workers=1, max_workers=6),  # fmt: skip
+    ScalePolicy(
+        "compute",
+        lag_threshold=50,
+        token_threshold=16384,
+        in_flight_per_worker=32,
+        min_workers=1,
+        max_workers=6,
+    ),
     ScalePolicy("postprocess", lag_threshold=200, min_workers=1, max_workers=6),
 )
 
