@@ -10,7 +10,7 @@ set -euo pipefail
 
 HELM_VERSION=v3.22.0
 KUBECONFORM_VERSION=v0.7.0
-BIN="${SLUICE_TOOLS_BIN:-$HOME/.cache/sluice/bin}"
+BIN="$HOME/.cache/sluice/bin"
 mkdir -p "$BIN"
 
 build() {  # name module version

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from tests.paths import REPO_ROOT
 from tests.unit.infra.k8s_schemas import schema_dir
 
 CHART = REPO_ROOT / "infra" / "helm" / "sluice"
-TOOLS = Path(os.environ.get("SLUICE_TOOLS_BIN", Path.home() / ".cache" / "sluice" / "bin"))
+TOOLS = Path.home() / ".cache" / "sluice" / "bin"  # where infra/tools/install.sh builds them
 VALIDATE = REPO_ROOT / "infra" / "k8s" / "validate"
 EVERYTHING = [  # every optional path of the templates at once
     "--set", "stages.compute.gpu=true",
