@@ -104,7 +104,12 @@ def main() -> None:
             every = [n for t, n in run.workers if t % 10 == 0]
             drained = f"{run.drained_at:.0f}s" if run.drained_at is not None else "-"
             print(f"{label:<28}{run.peak:>6}{run.worker_seconds:>10.0f}{drained:>9}  {every}")
-            rows[label] = dataclasses.asdict(run)
+            rows[label] = {
+                "peak": run.peak,
+                "worker_seconds": run.worker_seconds,
+                "drained_at": run.drained_at,
+                "workers_each_second": [n for t, n in run.workers if t % 1 == 0],
+            }
         results["scenarios"][scenario.name] = rows
     path = write_json(results_path("scaling-policy", args.out), results)
     print(f"\nwrote {path}")
