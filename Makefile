@@ -15,12 +15,12 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,cpu]'
 	touch $(STAMP)
 
 # torch & co. (~4 GB): only the model-build tests (marker `tools`) and training need them.
 $(TRAIN): $(STAMP)
-	$(BIN)/pip install -q -e '.[dev,train]'
+	$(BIN)/pip install -q -e '.[dev,cpu,train]'
 	touch $(TRAIN)
 
 install: $(STAMP)
@@ -32,6 +32,7 @@ test: $(TRAIN)
 	bash infra/prometheus/install-promtool.sh
 	bash infra/chromium/install.sh
 	npm ci --prefix infra/k8s/validate --no-audit --no-fund --loglevel=error
+	bash infra/tools/install.sh >/dev/null
 	$(BIN)/python -m infra fetch --minio
 	$(BIN)/pytest -v $(PYTEST_ARGS)
 

@@ -119,6 +119,13 @@ class Settings(BaseSettings):
         "`<prefix>generated`, `<prefix>answers`, each with a `.DLT` twin) and, without its "
         "trailing dot, of every consumer group (`sluice-preprocess`, …).",
     )
+    group_suffix: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9_.-]*$",
+        description="Blue/green: appended to every consumer group (sluice-compute-green), so two "
+        "deployments of the stages read the same topics as separate groups; sluice cutover "
+        "moves the committed offsets between them.",
+    )
     partitions: int = Field(
         default=6,
         ge=1,
@@ -401,8 +408,10 @@ class Settings(BaseSettings):
         return Topics(self.topic_prefix)
 
     def group_id(self, stage: str) -> str:
-        """A stage's consumer group: ``sluice-preprocess`` under the default prefix."""
-        return f"{self.topic_prefix.rstrip('.')}-{stage}"
+        """A stage's consumer group: ``sluice-preprocess`` under the default prefix, plus
+        ``-<group_suffix>`` when one is set (``sluice-preprocess-green``)."""
+        base = f"{self.topic_prefix.rstrip('.')}-{stage}"
+        return f"{base}-{self.group_suffix}" if self.group_suffix else base
 
     def kafka_common(self) -> dict[str, Any]:
         """Connection keyword arguments shared by aiokafka producers, consumers and admins."""

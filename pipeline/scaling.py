@@ -1,8 +1,14 @@
 """Lag-based scaling decisions: how many workers each stage should run.
 
-desired = ceil(lag / lag_threshold) (for compute also ceil(waiting tokens / token_threshold),
-the larger of the two), clamped to [min_workers, max_workers], and max_workers never above the
-partition count of the stage's input topic (a worker beyond that would sit idle).
+desired = ceil(lag / (lag_threshold + in_flight_per_worker)) (for compute also
+ceil(waiting tokens / token_threshold), the larger of the two), clamped to [min_workers,
+max_workers], and max_workers never above the partition count of the stage's input topic (a
+worker beyond that would sit idle).
+
+``in_flight_per_worker`` is what one worker holds uncommitted while it works normally (compute:
+its engine batch). Those records count in the committed-offset lag, so without it a single
+compute worker running a full batch already looks like ceil(batch / lag_threshold) workers'
+worth of backlog and the stage jumps towards max_workers on any load.
 
 Like KEDA/HPA stabilization, one spike does not move the count: a scale-up takes the *lowest*
 desired count seen over the scale-up window (the lag must persist), a scale-down the *highest*
@@ -12,6 +18,7 @@ over the longer scale-down window (it must have drained for that long). The same
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -26,6 +33,7 @@ class ScalePolicy:
     stage: str
     lag_threshold: int = 50
     token_threshold: int | None = None
+    in_flight_per_worker: int = 0
     min_workers: int = 1
     max_workers: int = 6
     scale_up_window_s: float = 5.0
@@ -34,12 +42,15 @@ class ScalePolicy:
     def bounded(self, partitions: int) -> ScalePolicy:
         """The policy with max_workers clamped to the input topic's partitions."""
         top = max(self.min_workers, min(self.max_workers, partitions))
-        return ScalePolicy(self.stage, self.lag_threshold, self.token_threshold,
-                           self.min_workers, top, self.scale_up_window_s,
-                           self.scale_down_window_s)  # fmt: skip
+        return dataclasses.replace(self, max_workers=top)
+
+    @property
+    def lag_per_worker(self) -> int:
+        """The lag one worker is expected to carry: its backlog threshold plus its in-flight."""
+        return self.lag_threshold + self.in_flight_per_worker
 
     def raw_desired(self, lag: int, waiting_tokens: int = 0) -> int:
-        want = math.ceil(max(0, lag) / self.lag_threshold)
+        want = math.ceil(max(0, lag) / self.lag_per_worker)
         if self.token_threshold:
             want = max(want, math.ceil(max(0, waiting_tokens) / self.token_threshold))
         return min(self.max_workers, max(self.min_workers, want))
@@ -49,7 +60,16 @@ class ScalePolicy:
 # KEDA ScaledObjects in infra/k8s are generated from it: python -m pipeline.scaling k8s).
 DEFAULT_POLICIES = (
     ScalePolicy("preprocess", lag_threshold=200, min_workers=1, max_workers=6),
-    ScalePolicy("compute", lag_threshold=50, token_threshold=16384, min_workers=1, max_workers=6),
+    # in_flight_per_worker: the CPU engine's static batch (32); sluice scale uses
+    # SLUICE_ENGINE_MAX_BATCH instead when it is set (a GPU engine holds more).
+    ScalePolicy(
+        "compute",
+        lag_threshold=50,
+        token_threshold=16384,
+        in_flight_per_worker=32,
+        min_workers=1,
+        max_workers=6,
+    ),
     ScalePolicy("postprocess", lag_threshold=200, min_workers=1, max_workers=6),
 )
 
@@ -90,7 +110,8 @@ class StageScaler:
         up = min(up_values) if up_values else None
         down = max(down_values) if down_values else None
         if up is not None and up > self.current:
-            return self._decide(up, lag, f"lag {lag} held for {self.policy.scale_up_window_s}s")
+            load = f"lag {lag}" + (f", {waiting_tokens} waiting tokens" if waiting_tokens else "")
+            return self._decide(up, lag, f"{load} held for {self.policy.scale_up_window_s}s")
         if down is not None and down < self.current:
             return self._decide(down, lag,
                                 f"lag low for {self.policy.scale_down_window_s}s")  # fmt: skip

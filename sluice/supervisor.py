@@ -1,27 +1,32 @@
 """``sluice scale``: run the stages as worker processes and follow the autoscaler.
 
-Every second the supervisor reads each stage's consumer-group lag on its input topic, feeds
-the stage's ``StageScaler``, and starts workers (``sluice run <stage>``) or stops the newest
-ones with SIGTERM (they finish in-flight work, commit and leave the group: scale-in loses
-nothing). A worker that dies is restarted with exponential backoff; one that died without a
-crash report of its own gets one from the supervisor, and a stage that keeps dying is reported
-as crash-looping and backed off (``sluice.deaths``). Each worker gets a stable slot number as
-``SLUICE_INSTANCE_ID`` (exactly-once stages need it), and, with ``cpu_affinity``, is pinned to
-one CPU.
+Every second the supervisor reads each stage's consumer-group lag on its input topic (and, for
+a policy with a token threshold, the ``sluice_compute_pending_tokens`` its workers report on
+``/metrics``), feeds the stage's ``StageScaler``, and starts workers (``sluice run <stage>``)
+or stops the newest ones with SIGTERM (they finish in-flight work, commit and leave the group:
+scale-in loses nothing). A worker that dies is restarted with exponential backoff; one that
+died without a crash report of its own gets one from the supervisor, and a stage that keeps
+dying is reported as crash-looping and backed off (``sluice.deaths``). Each worker gets a
+stable slot number as ``SLUICE_INSTANCE_ID`` (exactly-once stages need it), and, with
+``cpu_affinity``, is pinned to one CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.admin import describe_topics
 from pipeline.config import Settings
@@ -34,6 +39,7 @@ from sluice.procs import StageProcess, stage_env
 log = logging.getLogger(__name__)
 
 INPUT_OF = {"preprocess": "prompts", "compute": "tokenized", "postprocess": "generated"}
+TOKENS_METRIC = "sluice_compute_pending_tokens"
 
 
 @dataclass
@@ -42,6 +48,7 @@ class Worker:
     proc: StageProcess
     started: float = field(default_factory=time.monotonic)
     stopping: bool = False
+    port: int = 0  # its /metrics port, when the supervisor reads its waiting tokens
 
 
 @dataclass
@@ -90,6 +97,13 @@ class Supervisor:
             ["stage"],
             registry=self.registry,
         )
+        if settings.engine_max_batch:  # what one compute worker holds in flight
+            policies = [
+                dataclasses.replace(p, in_flight_per_worker=settings.engine_max_batch)
+                if p.token_threshold
+                else p
+                for p in policies
+            ]
         topics = settings.topics
         self.stages = {
             p.stage: StageState(p.stage, getattr(topics, INPUT_OF[p.stage]), StageScaler(p, 0))
@@ -141,10 +155,29 @@ class Supervisor:
 
     # ---- workers ---------------------------------------------------------------------------
 
+    async def waiting_tokens(self, st: StageState, session: aiohttp.ClientSession) -> int:
+        """The pending tokens the stage's running workers report (0 for one not serving yet)."""
+        total = 0.0
+        for worker in st.workers.values():
+            if worker.stopping or not worker.port:
+                continue
+            try:
+                url = f"http://127.0.0.1:{worker.port}/metrics"
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
+                    text = await response.text()
+            except (aiohttp.ClientError, TimeoutError):
+                continue  # starting up or exiting: its tokens are in the lag until it serves
+            for family in text_string_to_metric_families(text):
+                if family.name == TOKENS_METRIC:
+                    total += sum(sample.value for sample in family.samples)
+        return int(total)
+
     def _start(self, st: StageState, slot: int) -> None:
+        port = _free_port() if st.scaler.policy.token_threshold else 0
         env = stage_env(
-            self.settings, SLUICE_INSTANCE_ID=str(slot), SLUICE_HTTP_PORT="0", **self.worker_env
-        )
+            self.settings, SLUICE_INSTANCE_ID=str(slot), SLUICE_HTTP_PORT=str(port),
+            **self.worker_env,
+        )  # fmt: skip
         log_path = self.log_dir / f"{st.stage}-{slot}.log"
         cpus = None
         if self.cpu_affinity and hasattr(os, "sched_getaffinity"):
@@ -153,7 +186,7 @@ class Supervisor:
         proc = StageProcess(st.stage, env, log_path).start()
         if cpus is not None and proc.proc is not None:
             os.sched_setaffinity(proc.proc.pid, cpus)
-        st.workers[slot] = Worker(slot, proc)
+        st.workers[slot] = Worker(slot, proc, port=port)
         self.deaths.started(st.stage, slot, proc)
         log.info("started %s worker %d (pid %s)", st.stage, slot, proc.proc and proc.proc.pid)
 
@@ -223,12 +256,16 @@ class Supervisor:
             st.scaler.policy = st.scaler.policy.bounded(parts[st.stage])
             st.scaler.current = st.scaler.policy.min_workers
             self._apply(st, st.scaler.current)
+        session = aiohttp.ClientSession()
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
                 lags = await self.lags()
                 for st in self.stages.values():
-                    decision = st.scaler.observe(now, lags[st.stage])
+                    tokens = 0
+                    if st.scaler.policy.token_threshold:
+                        tokens = await self.waiting_tokens(st, session)
+                    decision = st.scaler.observe(now, lags[st.stage], tokens)
                     if decision is not None:
                         st.decisions.append((now, decision))
                         self.decisions_total.labels(st.stage, decision.direction).inc()
@@ -241,6 +278,7 @@ class Supervisor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.interval_s)
         finally:
+            await session.close()
             await self.shutdown()
             await self._lag_reader.close()
             await self.http.stop()
@@ -257,3 +295,10 @@ class Supervisor:
                 if worker.proc.proc is not None:
                     await asyncio.to_thread(worker.proc.stop)
             st.workers.clear()
+
+
+def _free_port() -> int:
+    """A loopback port free now, for a worker's /metrics (it binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -7,9 +7,12 @@ their offsets are committed as they finish; the loop's in-flight bound is the ad
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from prometheus_client import Gauge
 
 from pipeline.config import Settings
 from pipeline.errors import InvalidInput, as_sluice_error
@@ -18,9 +21,11 @@ from pipeline.runtime.stage import StageSpec, output_for, rebind_ids
 from schemas.errors import SchemaError
 from schemas.messages import GeneratedMessage, TokenizedMessage, Usage, decode
 from stages.engines.base import Engine, GenerationRequest
+from stages.engines.providers import check_providers
 from stages.text import fingerprint
 
 STAGE = "compute"
+log = logging.getLogger(__name__)
 
 
 class Compute:
@@ -34,7 +39,15 @@ class Compute:
             output_topics=(topics.generated,),
         )
         self.engine = engine
+        self.model_path = settings.model_path
         self.out_topic = topics.generated
+        # The waiting-tokens signal `sluice scale` and KEDA's Prometheus trigger scale on.
+        self.pending_tokens = Gauge(
+            "sluice_compute_pending_tokens",
+            "Prompt plus requested max new tokens of the requests handed to the engine and "
+            "not finished yet (running or waiting for a slot).",
+            registry=None,
+        )
 
     async def handle(self, batch: Batch) -> list[Result]:
         return list(await asyncio.gather(*(self._one(r) for r in batch)))
@@ -45,10 +58,14 @@ class Compute:
         except SchemaError as exc:
             return Result(record, error=InvalidInput.from_schema(exc))
         started = time.time()
+        tokens = len(msg.input_ids) + (msg.sampling.max_tokens or 0)
+        self.pending_tokens.inc(tokens)
         try:
             gen = await self.engine.generate(GenerationRequest(msg.id, msg.input_ids, msg.sampling))
         except Exception as exc:  # noqa: BLE001 - per-record failure: flags decide retry/DLT
             return Result(record, error=as_sluice_error(exc))
+        finally:
+            self.pending_tokens.dec(tokens)
         waited = max(0.0, started - (msg.timings.preprocessed_at or started))
         timings = msg.timings.model_copy(
             update={
@@ -98,11 +115,13 @@ class Compute:
         )
 
     def collectors(self) -> list[Any]:
-        """The engine's own metrics (running, waiting, tokens, TTFT, queue time)."""
+        """Pending tokens, and the engine's own metrics (running, waiting, tokens, TTFT, queue)."""
         collectors: list[Any] = getattr(self.engine, "collectors", list)()
-        return collectors
+        return [self.pending_tokens, *collectors]
 
     async def warmup(self) -> None:
+        if self.engine.name == "onnx":  # which provider, or a clear error before loading
+            log.info("compute engine: %s", check_providers(self.model_path).describe())
         await self.engine.start()
 
     async def close(self) -> None:

@@ -81,7 +81,7 @@ def scaled_object(policy: ScalePolicy, prefix: str = "sluice.") -> dict[str, Any
                     "bootstrapServers": "kafka:9092",
                     "consumerGroup": group,
                     "topic": topic,
-                    "lagThreshold": str(policy.lag_threshold),
+                    "lagThreshold": str(policy.lag_per_worker),  # backlog + in flight
                     # never more replicas than partitions: the extra ones would idle
                     "allowIdleConsumers": "false",
                     "offsetResetPolicy": "earliest",

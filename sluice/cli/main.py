@@ -23,6 +23,7 @@ from pipeline.logs import setup_logging
 from pipeline.observability.crash import CrashReporter
 from sluice.cli import client as cli_client
 from sluice.cli import doctor as cli_doctor
+from sluice.cli import cutover as cli_cutover
 from sluice.cli import ops as cli_ops
 from sluice.cli.errors import SluiceGroup, fail
 from sluice.cli.lognoise import quiet_startup_noise
@@ -39,6 +40,7 @@ topics_app = typer.Typer(help="Create and inspect Sluice topics.", no_args_is_he
 app.add_typer(topics_app, name="topics")
 cli_ops.register(app)
 cli_doctor.register(app)
+cli_cutover.register(app)
 register_replay(app)
 app.command("send")(cli_client.send)
 app.command("infer")(cli_client.infer)

@@ -30,7 +30,7 @@ def test_scaled_objects_carry_the_same_thresholds_min_max_and_windows() -> None:
         spec = objects[f"sluice-{policy.stage}"]["spec"]
         trigger = spec["triggers"][0]
         assert trigger["type"] == "kafka"
-        assert trigger["metadata"]["lagThreshold"] == str(policy.lag_threshold)
+        assert trigger["metadata"]["lagThreshold"] == str(policy.lag_per_worker)
         assert trigger["metadata"]["consumerGroup"] == f"sluice-{policy.stage}"
         assert spec["minReplicaCount"] == policy.min_workers
         assert spec["maxReplicaCount"] == policy.max_workers

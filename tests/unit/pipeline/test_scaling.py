@@ -47,3 +47,30 @@ def test_a_window_as_long_as_the_history_kept_still_decides() -> None:
     decisions = [s.observe(t * 0.5, 0) for t in range(40)]
     assert any(d is not None and d.desired == 1 for d in decisions)
     assert s.current == 1
+
+
+def test_records_a_worker_holds_in_flight_are_not_backlog() -> None:
+    old = ScalePolicy("compute", lag_threshold=50, max_workers=6)
+    new = ScalePolicy("compute", lag_threshold=50, in_flight_per_worker=32, max_workers=6)
+    assert new.lag_per_worker == 82
+    # One worker running a full batch of 32 with a short queue: one worker is enough.
+    assert (old.raw_desired(75), new.raw_desired(75)) == (2, 1)
+    # Three workers' batches plus a real backlog still scale out.
+    assert new.raw_desired(3 * 32 + 200) == 4
+    assert new.bounded(partitions=3).in_flight_per_worker == 32
+
+
+def test_the_default_compute_policy_counts_in_flight_and_tokens() -> None:
+    from pipeline.scaling import DEFAULT_POLICIES
+
+    compute = next(p for p in DEFAULT_POLICIES if p.stage == "compute")
+    assert compute.in_flight_per_worker > 0 and compute.token_threshold
+
+
+def test_a_scale_up_on_waiting_tokens_says_so() -> None:
+    s = StageScaler(ScalePolicy("compute", token_threshold=1000, scale_up_window_s=1,
+                                scale_down_window_s=5))  # fmt: skip
+    assert s.observe(0, 0, waiting_tokens=3000) is None
+    decision = s.observe(1, 0, waiting_tokens=3000)
+    assert decision is not None and decision.desired == 3
+    assert "3000 waiting tokens" in decision.reason
