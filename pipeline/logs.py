@@ -84,7 +84,7 @@ class _Streak:
     total: int = 1  # records of the cause since the streak began
     pending: int = 0  # held back since the last line written
     level: int = logging.WARNING
-    last_message: str = ""
+    last: logging.LogRecord | None = None  # formatted only when a line is written
 
 
 class KafkaLogSummary(logging.Handler):
@@ -120,7 +120,7 @@ class KafkaLogSummary(logging.Handler):
         streak.pending += 1
         streak.last_seen = now
         streak.level = max(streak.level, record.levelno)
-        streak.last_message = record.getMessage()
+        streak.last = record
         if logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
             self._forward(_demoted(record))
 
@@ -154,7 +154,8 @@ class KafkaLogSummary(logging.Handler):
             args: tuple[object, ...] = (cause[1], seconds, f"{streak.total:,}")
         else:
             msg = "repeated %s times in %d s: %s"
-            args = (f"{streak.total:,}", seconds, streak.last_message)
+            last = streak.last.getMessage() if streak.last is not None else ""
+            args = (f"{streak.total:,}", seconds, last)
         record = logging.LogRecord(streak.logger, streak.level, __file__, 0, msg, args, None)
         streak.pending = 0
         streak.last_summary = now
