@@ -78,8 +78,8 @@ __all__ = [
     "make_dlt_headers",
     "make_headers",
     "new_traceparent",
-    "parse_dlt_headers",
     "parse_attempt",
+    "parse_dlt_headers",
     "parse_headers",
     "parse_traceparent",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from pipeline.config import Settings
 from sluice.dashboard import STATIC, Dashboard, parse_stage_metrics
@@ -18,7 +19,7 @@ def _metrics(stage: str, breaker: int) -> str:
     )
 
 
-def _dashboard(readings: dict[str, tuple[str, int] | None]) -> Dashboard:
+def _dashboard(readings: Mapping[str, tuple[str, int] | None]) -> Dashboard:
     """A dashboard whose scraped targets said ``(stage, breaker state)``, or failed (None)."""
     dashboard = Dashboard(Settings(), LagExporter(Settings()), scrape=list(readings))
     for target, reading in zip(dashboard.targets, readings.values(), strict=True):
