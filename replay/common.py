@@ -16,13 +16,19 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pipeline.admin import describe_topics
 from pipeline.config import Settings
-from schemas.headers import CE_TYPE, SLUICE_REQUEST_ID, header_value
-from schemas.messages import CE_ANSWER_ERROR
+from schemas.attempts import AnswerFacts, answer_facts, supersedes
+from schemas.headers import (
+    FIRST_ATTEMPT,
+    SLUICE_ATTEMPT,
+    SLUICE_REQUEST_ID,
+    header_value,
+    parse_attempt,
+)
 
 log = logging.getLogger(__name__)
 
-SLUICE_REPLAY_ATTEMPT: Final = "sluice-replay-attempt"
-"""How many times a record was re-driven by ``sluice replay``; the tools add and increment it."""
+LEGACY_REPLAY_ATTEMPT: Final = "sluice-replay-attempt"
+"""What replay wrote before ``sluice-attempt``: the re-drives so far (attempt - 1). Read only."""
 
 HeaderList = list[tuple[str, bytes | None]]
 
@@ -137,19 +143,22 @@ def format_ms(ms: int) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def replay_attempts(headers: Sequence[tuple[str, bytes | None]]) -> int:
-    """The ``sluice-replay-attempt`` count a record carries (0 when absent or unreadable)."""
-    value = header_value(headers, SLUICE_REPLAY_ATTEMPT)
-    try:
-        return max(0, int(value)) if value is not None else 0
-    except ValueError:
-        return 0
+def record_attempt(headers: Sequence[tuple[str, bytes | None]]) -> int:
+    """The attempt a record belongs to: its ``sluice-attempt``, else one more than an older
+    replay's ``sluice-replay-attempt``, else the first."""
+    if header_value(headers, SLUICE_ATTEMPT) is None:
+        legacy = header_value(headers, LEGACY_REPLAY_ATTEMPT)
+        if legacy is not None and legacy.strip().isdigit():
+            return FIRST_ATTEMPT + int(legacy)
+    return parse_attempt(headers)
 
 
 def with_attempt(headers: Sequence[tuple[str, bytes | None]], attempt: int) -> HeaderList:
-    """``headers`` with ``sluice-replay-attempt`` set to ``attempt`` (replacing any)."""
-    kept = [(k, v) for k, v in headers if k.lower() != SLUICE_REPLAY_ATTEMPT]
-    return [*kept, (SLUICE_REPLAY_ATTEMPT, str(attempt).encode())]
+    """``headers`` with ``sluice-attempt`` set to ``attempt`` (replacing any, and any older
+    ``sluice-replay-attempt``)."""
+    names = {SLUICE_ATTEMPT, LEGACY_REPLAY_ATTEMPT}
+    kept = [(k, v) for k, v in headers if k.lower() not in names]
+    return [*kept, (SLUICE_ATTEMPT, str(attempt).encode())]
 
 
 def producer_for(settings: Settings) -> AIOKafkaProducer:
@@ -207,20 +216,29 @@ async def partitions_of(settings: Settings, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p) for p in sorted(infos[0].end_offsets)]
 
 
-async def topic_request_ids(
-    settings: Settings, topic: str, *, completions_only: bool = False
-) -> set[str]:
-    """Every ``sluice-request-id`` on a live topic (e.g. answers), read from the start.
+def note_answer(
+    answers: dict[str, AnswerFacts], headers: Sequence[tuple[str, bytes | None]]
+) -> None:
+    """Fold one answer record into ``answers`` (request id -> the answer that stands)."""
+    rid = header_value(headers, SLUICE_REQUEST_ID)
+    if rid:
+        facts = answer_facts(headers)
+        if supersedes(facts, answers.get(rid)):
+            answers[rid] = facts
 
-    ``completions_only`` leaves out error answers (``ce_type: sluice.answer.error``).
-    """
+
+async def topic_answers(
+    settings: Settings, topic: str, answers: dict[str, AnswerFacts] | None = None
+) -> dict[str, AnswerFacts]:
+    """Request id -> the answer that stands, over every answer on a live topic read from the
+    start, added to ``answers`` (those read before, e.g. from the archive)."""
     consumer = AIOKafkaConsumer(
         **settings.kafka_common(),
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",
     )
-    ids: set[str] = set()
+    found: dict[str, AnswerFacts] = {} if answers is None else answers
     try:
         await consumer.start()
         tps = await partitions_of(settings, topic)
@@ -230,16 +248,7 @@ async def topic_request_ids(
         async for batch in read_to_end(consumer, ends):
             for records in batch.values():
                 for rec in records:
-                    headers = list(rec.headers or ())
-                    if completions_only and is_error_answer(headers):
-                        continue
-                    rid = header_value(headers, SLUICE_REQUEST_ID)
-                    if rid:
-                        ids.add(rid)
+                    note_answer(found, list(rec.headers or ()))
     finally:
         await consumer.stop()
-    return ids
-
-
-def is_error_answer(headers: Sequence[tuple[str, bytes | None]]) -> bool:
-    return header_value(headers, CE_TYPE) == CE_ANSWER_ERROR
+    return found

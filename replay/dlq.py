@@ -4,15 +4,17 @@ The dead-letter topic is read by the consumer group ``<prefix>-replay-dlq`` (or 
 from its committed position to the end offsets seen when the run starts. Each dead letter goes
 back to its original topic (Spring's ``kafka_dlt-original-topic``, else Kafka Connect's
 ``__connect.errors.topic``; ``target_topic`` overrides both) with its original key and value,
-its headers without the dead-letter sets, and ``sluice-replay-attempt`` incremented. The
+its headers without the dead-letter sets, as a new attempt: ``sluice-attempt`` one more than
+the dead letter's (1 when it had none), so the answer it gets supersedes the error answer the
+dead letter got (``schemas.attempts``: a completion, or else the latest attempt, stands). The
 group's position is committed after each batch is acknowledged, so a second run starts where
 the first stopped and sends nothing twice (a crash between the acks and the commit re-sends
 that one batch; the pipeline de-duplicates by request id).
 
 Filters: ``reasons`` (``sluice-dlt-reason``), and ``max_attempts`` (a record re-driven that
-often is left dead). Records a filter passes over are still consumed: the group's position
-moves past them. To re-drive them later, use another ``group_id`` with a filter that selects
-them (disjoint filters never send a record twice).
+often, that is at attempt ``max_attempts + 1``, is left dead). Records a filter passes over are
+still consumed: the group's position moves past them. To re-drive them later, use another
+``group_id`` with a filter that selects them (disjoint filters never send a record twice).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from replay.common import (
     partitions_of,
     producer_for,
     read_to_end,
-    replay_attempts,
+    record_attempt,
     with_attempt,
 )
 from schemas.headers import SLUICE_DLT_REASON, SLUICE_REQUEST_ID, header_value, parse_dlt_headers
@@ -64,12 +66,12 @@ class Decision:
 
     target: str | None
     skip: str | None
-    attempt: int  # the attempt number the re-driven record will carry
+    attempt: int  # the attempt the re-driven record starts (its `sluice-attempt`)
 
 
 def redrive_headers(headers: Sequence[tuple[str, bytes | None]], attempt: int) -> HeaderList:
     """The original record's headers: the Spring and Connect dead-letter sets and
-    ``sluice-dlt-reason`` removed, ``sluice-replay-attempt`` set to ``attempt``."""
+    ``sluice-dlt-reason`` removed, ``sluice-attempt`` set to ``attempt``."""
     kept = [
         (k, v)
         for k, v in headers
@@ -81,10 +83,10 @@ def redrive_headers(headers: Sequence[tuple[str, bytes | None]], attempt: int) -
 def decide(headers: Sequence[tuple[str, bytes | None]], options: DlqReplayOptions) -> Decision:
     info = parse_dlt_headers(headers)
     reason = info.reason if info is not None else header_value(headers, SLUICE_DLT_REASON)
-    attempt = replay_attempts(headers) + 1
+    attempt = record_attempt(headers) + 1
     if options.reasons and (reason or "(none)") not in options.reasons:
         return Decision(None, f"reason {reason or '(none)'}", attempt)
-    if options.max_attempts and attempt > options.max_attempts:
+    if options.max_attempts and attempt - 1 > options.max_attempts:  # re-drives, this one too
         return Decision(None, f"re-driven {options.max_attempts} times already", attempt)
     target = options.target_topic or (info.topic if info is not None else None)
     if not target:

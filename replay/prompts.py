@@ -3,12 +3,15 @@
 A re-published prompt keeps its key, value and headers, and so its request id: the body's
 ``id``, else its ``sluice-request-id`` header, else the id derived from its original position,
 which is then added as a ``sluice-request-id`` header (the new position would derive another).
-``sluice-replay-attempt`` is set to one more than the record carried. Within a run each request
-id is sent once.
+Each re-published prompt starts a new attempt: its ``sluice-attempt`` is one more than the
+highest the run knows of (the prompt's own, and with ``--unanswered`` that of its standing
+answer), so its answer supersedes the earlier ones (``schemas.attempts``). Within a run each
+request id is sent once.
 
 ``--unanswered``: a prompt is answered when an answer with its request id is in the archive
-(answers topic), or, with ``check_topic``, on the live answers topic. Error answers count as
-answers unless ``retry_errors`` (dead-lettered work has its own path: ``sluice replay dlq``).
+(answers topic), or, with ``check_topic``, on the live answers topic, and the answer that
+stands by the rule "a completion, or else the latest attempt" is a completion, or, unless
+``retry_errors``, an error answer (dead-lettered work has its own path: ``sluice replay dlq``).
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from replay.common import (
     Progress,
     RateLimiter,
     ReplaySummary,
-    is_error_answer,
+    note_answer,
     producer_for,
-    replay_attempts,
-    topic_request_ids,
+    record_attempt,
+    topic_answers,
     with_attempt,
 )
 from schemas.archive import ArchivedRecord
+from schemas.attempts import AnswerFacts
 from schemas.headers import SLUICE_REQUEST_ID, header_value
 
 log = logging.getLogger(__name__)
@@ -60,31 +64,36 @@ def prompt_request_id(record: ArchivedRecord) -> str:
     return Record.of(record, record.timestamp_ms).request_id()
 
 
-def replay_headers(record: ArchivedRecord, request_id: str) -> HeaderList:
-    """The original headers, the request id made explicit if needed, the attempt counted."""
+def replay_headers(
+    record: ArchivedRecord, request_id: str, answered: AnswerFacts | None = None
+) -> HeaderList:
+    """The original headers, the request id made explicit if needed, and a new attempt: one
+    more than the prompt's and than that of the answer that stands (if known)."""
     headers: HeaderList = list(record.headers)
     derived = derived_request_id(record.topic, record.partition, record.offset)
     if request_id == derived and header_value(headers, SLUICE_REQUEST_ID) is None:
         headers.append((SLUICE_REQUEST_ID, request_id.encode()))
-    return with_attempt(headers, replay_attempts(headers) + 1)
+    latest = max(record_attempt(headers), answered.attempt if answered is not None else 0)
+    return with_attempt(headers, latest + 1)
 
 
-async def answered_request_ids(
-    reader: ArchiveReader, topic: str, *, completions_only: bool, progress: Progress
-) -> set[str]:
-    """Request ids of every archived answer (completions only, if asked)."""
+async def archived_answers(
+    reader: ArchiveReader, topic: str, *, progress: Progress
+) -> dict[str, AnswerFacts]:
+    """Request id -> the archived answer that stands."""
     names = await reader.objects(topic)
     progress.begin(f"reading archived answers ({topic})", len(names))
-    ids: set[str] = set()
+    answers: dict[str, AnswerFacts] = {}
     async for record in reader.records(
-        topic, objects=names, on_object=lambda _: progress.advance(1, answers=len(ids))
+        topic, objects=names, on_object=lambda _: progress.advance(1, answers=len(answers))
     ):
-        if completions_only and is_error_answer(record.headers):
-            continue
-        rid = header_value(record.headers, SLUICE_REQUEST_ID)
-        if rid:
-            ids.add(rid)
-    return ids
+        note_answer(answers, record.headers)
+    return answers
+
+
+def is_answered(answer: AnswerFacts | None, *, retry_errors: bool) -> bool:
+    """Whether a prompt whose standing answer is ``answer`` needs no replay."""
+    return answer is not None and (answer.completion or not retry_errors)
 
 
 async def replay_prompts(
@@ -101,19 +110,14 @@ async def replay_prompts(
     summary = ReplaySummary("replay prompts", options.dry_run)
     reader = ArchiveReader(store)
 
-    answered: set[str] = set()
+    answers: dict[str, AnswerFacts] = {}
     if options.unanswered:
-        completions_only = options.retry_errors
-        answered = await answered_request_ids(
-            reader, answers_topic, completions_only=completions_only, progress=progress
-        )
+        answers = await archived_answers(reader, answers_topic, progress=progress)
         if options.check_topic:
             progress.begin(f"reading live answers ({answers_topic})", None)
-            live = await topic_request_ids(
-                settings, answers_topic, completions_only=completions_only
-            )
-            answered |= live
-            progress.advance(1, answers=len(live))
+            before = len(answers)
+            await topic_answers(settings, answers_topic, answers)
+            progress.advance(1, answers=len(answers) - before)
 
     names = await reader.objects(source, options.window)
     if not names:
@@ -134,7 +138,7 @@ async def replay_prompts(
         ):
             summary.examined += 1
             rid = prompt_request_id(record)
-            if rid in answered:
+            if is_answered(answers.get(rid), retry_errors=options.retry_errors):
                 summary.skipped["answered"] += 1
                 continue
             if rid in seen:
@@ -143,7 +147,7 @@ async def replay_prompts(
             seen.add(rid)
             if producer is not None:
                 await limiter.acquire()
-                headers = replay_headers(record, rid)
+                headers = replay_headers(record, rid, answers.get(rid))
                 in_flight.append(
                     await producer.send(target, record.value, key=record.key, headers=headers)
                 )

@@ -2,9 +2,10 @@
 
 A turn is one prompt and its answer. A prompt belongs to conversation C when its body's
 ``conversation_id`` is C, or it has none and its key is C (what preprocess decides). Its answer
-is the archived answer with its request id: a completion if there is one, else the last error
-answer. Turns are ordered by the prompt's timestamp, then partition and offset; a request id
-archived twice (a re-published prompt) is one turn, at its first appearance.
+is the archived answer with its request id that stands (``schemas.attempts``): the first
+completion if there is one, else the error answer of the latest attempt. Turns are ordered by
+the prompt's timestamp, then partition and offset; a request id archived twice (a re-published
+prompt) is one turn, at its first appearance.
 
 Every partition of the prompts and answers topics is read: the tools do not assume how the
 producer partitioned.
@@ -24,8 +25,9 @@ from replay.archive import ArchiveReader
 from replay.common import NoProgress, Progress, format_ms
 from replay.prompts import prompt_request_id
 from schemas.archive import ArchivedRecord
+from schemas.attempts import AnswerFacts, supersedes
 from schemas.errors import SchemaError
-from schemas.headers import SLUICE_DEGRADED, SLUICE_REQUEST_ID, header_value
+from schemas.headers import SLUICE_DEGRADED, SLUICE_REQUEST_ID, header_value, parse_attempt
 from schemas.messages import ChatCompletion, decode_answer
 
 
@@ -40,6 +42,7 @@ class Turn:
     error: dict[str, Any] | None = None  # OpenAI error object: type, code, message
     answered_at_ms: int | None = None
     degraded: bool = False
+    standing: AnswerFacts | None = None  # the attempt and kind of the answer shown
 
     def as_json(self, number: int) -> dict[str, Any]:
         return {
@@ -53,6 +56,7 @@ class Turn:
             "error": self.error,
             "answered_at": format_ms(self.answered_at_ms) if self.answered_at_ms else None,
             "degraded": self.degraded,
+            "attempt": self.standing.attempt if self.standing is not None else None,
         }
 
 
@@ -92,19 +96,20 @@ def _attach(turn: Turn, record: ArchivedRecord) -> None:
         answer = decode_answer(record.value)
     except SchemaError:
         return
+    completion = isinstance(answer, ChatCompletion)
+    facts = AnswerFacts(parse_attempt(record.headers), completion)
+    if not supersedes(facts, turn.standing):
+        return
+    turn.standing = facts
     if isinstance(answer, ChatCompletion):
-        if turn.answer is not None:
-            return  # the first completion wins; later ones are duplicates
         turn.answer = {
             "role": "assistant",
             "content": answer.content,
             "finish_reason": answer.choices[0].finish_reason,
         }
         turn.error = None
-    elif turn.answer is None:
-        turn.error = answer.error.model_dump(mode="json")
     else:
-        return
+        turn.error = answer.error.model_dump(mode="json")
     turn.answered_at_ms = record.timestamp_ms
     turn.degraded = header_value(record.headers, SLUICE_DEGRADED) == "true"
 

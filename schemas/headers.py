@@ -51,7 +51,9 @@ __all__ = [
     "DLT_ORIGINAL_TIMESTAMP",
     "DLT_ORIGINAL_TIMESTAMP_TYPE",
     "DLT_ORIGINAL_TOPIC",
+    "FIRST_ATTEMPT",
     "MAX_STACKTRACE_BYTES",
+    "SLUICE_ATTEMPT",
     "SLUICE_DEGRADED",
     "SLUICE_DLT_REASON",
     "SLUICE_REQUEST_ID",
@@ -60,11 +62,13 @@ __all__ = [
     "TIMESTAMP_TYPE_NAMES",
     "TRACEPARENT",
     "TRACESTATE",
+    "CloudEventProblem",
     "DeadLetterInfo",
     "EventHeaders",
     "Headers",
     "HeadersIn",
     "TraceContext",
+    "check_cloudevent",
     "child_traceparent",
     "decode_dlt_int",
     "encode_int32",
@@ -75,6 +79,7 @@ __all__ = [
     "make_dlt_headers",
     "make_headers",
     "new_traceparent",
+    "parse_attempt",
     "parse_dlt_headers",
     "parse_headers",
     "parse_traceparent",
@@ -105,6 +110,10 @@ SLUICE_REQUEST_ID: Final = "sluice-request-id"
 SLUICE_DEGRADED: Final = "sluice-degraded"
 SLUICE_TIMINGS: Final = "sluice-timings"
 SLUICE_DLT_REASON: Final = "sluice-dlt-reason"
+SLUICE_ATTEMPT: Final = "sluice-attempt"
+"""Which attempt at a request a record belongs to: decimal, 1 for the first; `sluice replay`
+starts a new one, and stages copy it from input to output (see `parse_attempt`)."""
+FIRST_ATTEMPT: Final = 1
 
 # Spring Kafka DeadLetterPublishingRecoverer.
 DLT_ORIGINAL_TOPIC: Final = "kafka_dlt-original-topic"
@@ -213,6 +222,54 @@ def parse_headers(headers: HeadersIn | None) -> EventHeaders:
         degraded=degraded in {"1", "true", "yes"},
         timings=header_value(headers, SLUICE_TIMINGS),
     )
+
+
+def parse_attempt(headers: HeadersIn | None) -> int:
+    """The record's `sluice-attempt`; `FIRST_ATTEMPT` when absent, unreadable or below 1."""
+    value = header_value(headers, SLUICE_ATTEMPT)
+    try:
+        return max(FIRST_ATTEMPT, int(value)) if value is not None else FIRST_ATTEMPT
+    except ValueError:
+        return FIRST_ATTEMPT
+
+
+@dataclass(frozen=True, slots=True)
+class CloudEventProblem:
+    """Why a record's CloudEvents headers make it unacceptable where it arrived."""
+
+    reason: str  # the `sluice-dlt-reason`: `unsupported-specversion` or `wrong-ce-type`
+    header: str  # the header at fault
+    message: str  # for the error answer and the dead letter
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 64 else value[:64] + "…")
+
+
+def check_cloudevent(headers: HeadersIn | None, expected_type: str) -> CloudEventProblem | None:
+    """None when a record may be taken as `expected_type`, else what is wrong with it.
+
+    Records without CloudEvents headers (plain JSON from a foreign producer) pass. A present
+    `ce_specversion` must be the one this binding supports ("1.0"); a present `ce_type` must be
+    `expected_type` (an answer published to the prompts topic is not a prompt).
+    """
+    specversion = header_value(headers, CE_SPECVERSION)
+    if specversion is not None and specversion.strip() != SPECVERSION:
+        return CloudEventProblem(
+            "unsupported-specversion",
+            CE_SPECVERSION,
+            f"unsupported CloudEvents {CE_SPECVERSION} {_shown(specversion)}: only "
+            f"{SPECVERSION!r} is supported (or send plain JSON without CloudEvents headers)",
+        )
+    ce_type = header_value(headers, CE_TYPE)
+    if ce_type is not None and ce_type.strip() != expected_type:
+        return CloudEventProblem(
+            "wrong-ce-type",
+            CE_TYPE,
+            f"{CE_TYPE} {_shown(ce_type)} does not belong on this topic: it takes "
+            f"{expected_type!r} (or plain JSON without CloudEvents headers)",
+        )
+    return None
 
 
 # --- trace context ---------------------------------------------------------------------------

@@ -54,6 +54,7 @@ GAUGES = {
     "sluice_gpu_utilization_ratio": "gpu_utilization",
 }
 MAX_GAUGES = {"breaker", "gpu_utilization"}  # several series: the worst one counts, not the sum
+BREAKER_STATES = ("closed", "half-open", "open")  # sluice_breaker_state's values 0, 1, 2
 
 
 @dataclass
@@ -221,7 +222,8 @@ class Dashboard:
             for group, total in snapshot.group_sums().items():
                 values[f"lag/{group}"] = total
             for p in snapshot.partitions:
-                values[f"plag/{p.group}/{p.topic}/{p.partition}"] = p.lag
+                if p.lag is not None:  # no commit yet: no lag to plot (Kafka prints "-")
+                    values[f"plag/{p.group}/{p.topic}/{p.partition}"] = p.lag
             for group, info in snapshot.groups.items():
                 values[f"members/{group}"] = info.members
             for topic, count in _dlt_counts(snapshot).items():
@@ -229,7 +231,8 @@ class Dashboard:
         for stage, row in self._stages().items():
             values[f"throughput/{stage}"] = row["throughput"]
             values[f"dlq/{stage}"] = row["dlq_rate"]
-            values[f"breaker/{stage}"] = row["breaker"]
+            if row["breaker_state"] is not None:
+                values[f"breaker/{stage}"] = row["breaker"]
             if row["tokens_rate"] is not None:
                 values[f"tokens/{stage}"] = row["tokens_rate"]
         return values
@@ -252,6 +255,7 @@ class Dashboard:
                     "dlq_total": 0.0,
                     "tokens_rate": None,
                     "breaker": 0.0,
+                    "breaker_state": None,  # until a target of the stage answers
                     "in_flight": 0.0,
                     "ready": 0.0,
                     "memory": None,
@@ -270,6 +274,7 @@ class Dashboard:
             if "tokens" in counters:
                 row["tokens_rate"] = (row["tokens_rate"] or 0.0) + rates.get("tokens", 0.0)
             row["breaker"] = max(row["breaker"], gauges.get("breaker", 0.0))
+            row["breaker_state"] = breaker_state(row["breaker"])
             row["in_flight"] += gauges.get("in_flight", 0.0)
             row["ready"] += gauges.get("ready", 0.0)
             if "memory" in gauges:
@@ -301,6 +306,7 @@ class Dashboard:
         snapshot = self.exporter.latest
         samples = [s for s in self.history if s.t > since]
         keys = sorted({k for s in samples for k in s.values})
+        stages = sorted(self._stages().values(), key=lambda r: str(r["stage"]))
         return {
             "now": time.time(),
             "bootstrap": self.settings.bootstrap_servers,
@@ -310,7 +316,8 @@ class Dashboard:
             "window_s": self.history.maxlen * self.interval_s if self.history.maxlen else 0,
             "groups": _groups(snapshot, self.exporter) if snapshot is not None else [],
             "dlt": _dlt_counts(snapshot) if snapshot is not None else {},
-            "stages": sorted(self._stages().values(), key=lambda r: str(r["stage"])),
+            "stages": stages,
+            "breakers": breaker_summary(stages),
             "targets": [
                 {
                     "url": t.url,
@@ -344,6 +351,21 @@ class Dashboard:
     async def _readyz(self, _: web.Request) -> web.Response:
         ok, why = self.exporter.ready()
         return web.json_response({"ok": ok, "detail": why}, status=200 if ok else 503)
+
+
+def breaker_state(value: float) -> str:
+    """The name of a ``sluice_breaker_state`` value (the worst over a stage's processes)."""
+    return BREAKER_STATES[min(max(round(value), 0), len(BREAKER_STATES) - 1)]
+
+
+def breaker_summary(stages: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many stages are in each breaker state: the counts above the breaker chart, taken
+    from the same rows as the stage table (stages no target answered for are left out)."""
+    counts = dict.fromkeys(BREAKER_STATES, 0)
+    for row in stages:
+        if row["breaker_state"] is not None:
+            counts[row["breaker_state"]] += 1
+    return counts
 
 
 def _groups(snapshot: LagSnapshot, exporter: LagExporter) -> list[dict[str, Any]]:

@@ -3,9 +3,10 @@
 Lag of a group on a partition is the partition's log-end offset minus the group's committed
 offset: the ``LAG`` column of ``kafka-consumer-groups --describe``. The rows are the same as that
 command's: every partition the group has committed on, plus every partition assigned to one of
-its members. An assigned partition with no commit yet has no committed offset (Kafka prints
-``-``); its lag is what a consumer starting from the earliest offset (as every Sluice stage
-does) still has to read: log-end minus log-start.
+its members. An assigned partition with no commit yet has neither a committed offset nor a lag:
+Kafka prints ``-`` for both, ``sluice lag`` too, ``--json`` gives null, and the exporter gives
+-1 for both (kafka_exporter's value, so an alert can tell "no commit" from "caught up") and
+leaves the partition out of ``kafka_consumergroup_lag_sum``, as kafka_exporter does.
 
 - ``LagReader`` reads one ``LagSnapshot`` for a set of groups (``GroupSelector``).
 - ``LagRates`` turns successive snapshots into a rate of change (positive: falling behind).
@@ -41,6 +42,7 @@ from pipeline.observability.process import ProcessMemoryCollector
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPORTER_PORT = 9308  # kafka_exporter's port: Prometheus configs expect it there
+NO_OFFSET = -1  # exported for a partition without a commit (kafka_exporter's value)
 Key = tuple[str, str, int]  # (group, topic, partition)
 K = TypeVar("K")
 
@@ -54,13 +56,11 @@ class PartitionLag:
     partition: int
     committed: int | None  # None: assigned, nothing committed yet (Kafka prints "-")
     end: int  # log-end offset
-    start: int = 0  # log-start offset (only read where nothing is committed)
 
     @property
-    def lag(self) -> int:
-        if self.committed is None:
-            return max(0, self.end - self.start)
-        return self.end - self.committed
+    def lag(self) -> int | None:
+        """Log-end minus committed; None without a commit (Kafka prints "-")."""
+        return None if self.committed is None else self.end - self.committed
 
     @property
     def key(self) -> Key:
@@ -84,21 +84,24 @@ class LagSnapshot:
     topic_ends: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def topic_sums(self) -> dict[tuple[str, str], int]:
-        """(group, topic) -> lag summed over partitions (``kafka_consumergroup_lag_sum``)."""
+        """(group, topic) -> lag summed over the partitions with a commit
+        (``kafka_consumergroup_lag_sum``); a topic with none has no sum, as in kafka_exporter."""
         sums: dict[tuple[str, str], int] = {}
         for p in self.partitions:
-            sums[(p.group, p.topic)] = sums.get((p.group, p.topic), 0) + p.lag
+            if p.lag is not None:
+                sums[(p.group, p.topic)] = sums.get((p.group, p.topic), 0) + p.lag
         return sums
 
     def group_sums(self) -> dict[str, int]:
         """group -> lag over all its topics; every selected group appears, even with no rows."""
         sums = dict.fromkeys(self.groups, 0)
-        for p in self.partitions:
-            sums[p.group] = sums.get(p.group, 0) + p.lag
+        for (group, _), total in self.topic_sums().items():
+            sums[group] = sums.get(group, 0) + total
         return sums
 
     def lags(self) -> dict[Key, int]:
-        return {p.key: p.lag for p in self.partitions}
+        """The partitions that have a lag (a commit): the rest are absent, not zero."""
+        return {p.key: p.lag for p in self.partitions if p.lag is not None}
 
 
 @dataclass(frozen=True)
@@ -188,19 +191,8 @@ class LagReader:
         watched = await self._watched_partitions(admin, existing)
         tps = {TopicPartition(t, p) for _, t, p in committed} | watched
         ends: dict[TopicPartition, int] = await consumer.end_offsets(list(tps)) if tps else {}
-        fresh = {TopicPartition(t, p) for (_, t, p), off in committed.items() if off is None}
-        starts: dict[TopicPartition, int] = (
-            await consumer.beginning_offsets(list(fresh)) if fresh else {}
-        )
         rows = tuple(
-            PartitionLag(
-                group=g,
-                topic=t,
-                partition=p,
-                committed=off,
-                end=ends[TopicPartition(t, p)],
-                start=starts.get(TopicPartition(t, p), 0),
-            )
+            PartitionLag(g, t, p, committed=off, end=ends[TopicPartition(t, p)])
             for (g, t, p), off in sorted(committed.items())
         )
         return LagSnapshot(
@@ -315,18 +307,21 @@ def lag_metric_families(
     """The metric families of one snapshot (pure: the unit tests call it directly)."""
     gp = ["consumergroup", "topic", "partition"]
     current = GaugeMetricFamily(
-        "kafka_consumergroup_current_offset", "Committed offset of a consumer group.", labels=gp
+        "kafka_consumergroup_current_offset",
+        "Committed offset of a consumer group; -1 without a commit.",
+        labels=gp,
     )
     lag = GaugeMetricFamily(
         "kafka_consumergroup_lag",
-        "Log-end offset minus the group's committed offset (kafka-consumer-groups LAG).",
+        "Log-end offset minus the group's committed offset (kafka-consumer-groups LAG); "
+        "-1 without a commit.",
         labels=gp,
     )
     for p in snapshot.partitions:
         labels = [p.group, p.topic, str(p.partition)]
-        if p.committed is not None:
-            current.add_metric(labels, p.committed)
-        lag.add_metric(labels, p.lag)
+        # kafka_exporter's -1 for "no commit yet": a partition still shows, and is alertable
+        current.add_metric(labels, NO_OFFSET if p.committed is None else p.committed)
+        lag.add_metric(labels, NO_OFFSET if p.lag is None else p.lag)
     # kafka_exporter's name, typed "untyped": promtool's lint rejects a "_sum" suffix on a gauge
     # (it reads as a summary's part) but leaves untyped metrics alone; PromQL sees no difference.
     lag_sum = UnknownMetricFamily(

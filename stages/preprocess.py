@@ -1,7 +1,9 @@
 """Preprocess: validate the prompt, apply the model's chat template, tokenize.
 
-Bad input (bad JSON, schema, empty messages, oversized, too long for the context) becomes an
-``InvalidInput`` result: the loop dead-letters it and answers the producer with the reason.
+Bad input (CloudEvents headers that say it is not a 1.0 prompt, bad JSON, schema, empty
+messages, oversized, too long for the context) becomes an ``InvalidInput`` result: the loop
+dead-letters it and answers the producer with the reason. Plain JSON without CloudEvents
+headers is a prompt like any other.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pipeline.errors import InvalidInput
 from pipeline.runtime.batch import Batch, Output, Record, Result
 from pipeline.runtime.stage import StageSpec, output_for, rebind_ids
 from schemas.errors import SchemaError
+from schemas.headers import check_cloudevent
 from schemas.messages import (
+    CE_PROMPT,
     CONTEXT_LENGTH_EXCEEDED,
     PromptMessage,
     SamplingParams,
@@ -42,6 +46,9 @@ class Preprocess:
 
     def _one(self, record: Record) -> Result:
         t0 = time.perf_counter()
+        if (problem := check_cloudevent(record.headers, CE_PROMPT)) is not None:
+            error = InvalidInput(problem.message, reason=problem.reason, param=problem.header)
+            return Result(record, error=error)
         try:
             prompt = parse_prompt(record.value, self.max_bytes)
         except SchemaError as exc:
@@ -92,6 +99,8 @@ class Preprocess:
         )
 
     def fingerprint(self, record: Record) -> str | None:
+        if check_cloudevent(record.headers, CE_PROMPT) is not None:
+            return None  # not a prompt: never answered from the response cache
         try:
             return self._fingerprint(parse_prompt(record.value, self.max_bytes))
         except SchemaError:

@@ -22,8 +22,8 @@ from pipeline.config import Settings
 from pipeline.logs import setup_logging
 from pipeline.observability.crash import CrashReporter
 from sluice.cli import client as cli_client
-from sluice.cli import doctor as cli_doctor
 from sluice.cli import cutover as cli_cutover
+from sluice.cli import doctor as cli_doctor
 from sluice.cli import ops as cli_ops
 from sluice.cli.errors import SluiceGroup, fail
 from sluice.cli.lognoise import quiet_startup_noise

@@ -95,13 +95,16 @@ def _total_row(
         "[bold]all[/]",
         "",
         "",
-        f"[bold]{_lag_cell(sums.get(key, 0))}[/]",
+        f"[bold]{_lag_cell(sums.get(key))}[/]",
         _rate_cell(rates.get(key)),
         end_section=True,
     )
 
 
-def _lag_cell(lag: int) -> str:
+def _lag_cell(lag: int | None) -> str:
+    """``-`` without a commit, as kafka-consumer-groups prints it."""
+    if lag is None:
+        return "-"
     return f"[yellow]{lag}[/]" if lag > 0 else str(lag)
 
 
@@ -189,7 +192,8 @@ def lag(
     host: Annotated[str, typer.Option(help="Exporter address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Exporter port.")] = DEFAULT_EXPORTER_PORT,
 ) -> None:
-    """Lag per consumer group, topic and partition: log-end minus committed offset."""
+    """Lag per consumer group, topic and partition: log-end minus committed offset ("-" where
+    nothing is committed yet, as kafka-consumer-groups prints it)."""
     settings = load_settings()
     selector = GroupSelector.for_settings(settings, group or [], all_groups)
     try:

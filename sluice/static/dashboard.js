@@ -265,20 +265,24 @@ function renderTables() {
   for (const g of state.groups) {
     for (const p of g.partitions) {
       rows.push(el("tr", {}, el("td", {}, g.group), el("td", {}, p.topic), el("td", {}, p.partition),
-        el("td", {}, p.committed === null ? "–" : p.committed), el("td", {}, p.end), el("td", {}, p.lag),
+        el("td", {}, p.committed === null ? "–" : p.committed), el("td", {}, p.end),
+        el("td", {}, p.lag === null ? "–" : p.lag),
         el("td", {}, p.rate === null ? "–" : fmt(p.rate, 1))));
     }
   }
   document.querySelector("#partitions tbody").replaceChildren(...rows);
 
   const stages = state.stages.map((s) => {
-    const b = BREAKER[Math.round(s.breaker)] || "closed";
+    const b = s.breaker_state || "unknown";
     const mem = s.memory === null ? "–" : `${bytes(s.memory)} / ${bytes(s.memory_limit)}`;
     return el("tr", {}, el("td", {}, s.stage), el("td", {}, `${s.up}/${s.targets}`),
       el("td", {}, fmt(s.throughput, 1)), el("td", {}, fmt(s.in_flight)), el("td", {}, fmt(s.dlq_total)),
       el("td", {}, el("span", { class: `badge ${b}` }, b)), el("td", {}, mem));
   });
   document.querySelector("#stages tbody").replaceChildren(...stages);
+  // Counts of stages per state, from the same rows as the table (not the chart's axis labels).
+  document.getElementById("breaker-summary").textContent =
+    BREAKER.map((name) => `${state.breakers[name]} ${name}`).join(" · ");
   document.getElementById("no-scrape").hidden = state.targets.length > 0;
 
   const dlt = Object.entries(state.dlt).map(([topic, n]) => el("tr", {}, el("td", {}, topic), el("td", {}, fmt(n))));

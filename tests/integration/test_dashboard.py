@@ -91,6 +91,8 @@ async def test_the_dashboard_shows_lag_moving_during_a_live_run(
             assert "tokenized[0]" in await partitions.inner_text()
             breakers = await page.locator("#stages").inner_text()
             assert breakers.count("closed") == len(STAGES), breakers
+            summary = await page.get_by_test_id("breaker-summary").inner_text()
+            assert summary == f"{len(STAGES)} closed · 0 half-open · 0 open", summary
             drawn = await page.evaluate(_CANVAS_INK, "chart-lag")
             assert drawn > 500, f"the lag chart looks empty ({drawn} coloured pixels)"
             await page.screenshot(path=str(screenshot), full_page=True)

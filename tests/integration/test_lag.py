@@ -20,7 +20,7 @@ from infra.kafka.broker import run_kafka_tool
 from infra.process import free_port
 from pipeline import admin
 from pipeline.config import Settings
-from sluice.lag import GroupSelector, LagReader
+from sluice.lag import GroupSelector, LagReader, LagSnapshot, lag_metric_families
 from sluice.procs import stage_env
 from tests.integration.kafka_io import Item, collect, produce, prompt
 from tests.integration.ops_helpers import (
@@ -91,6 +91,20 @@ def kafka_describe(
     return rows
 
 
+def _exported_lag(snapshot: LagSnapshot) -> dict[Row, tuple[float, float]]:
+    """(group, topic, partition) -> (current offset, lag) as the exporter serves them."""
+    families = {f.name: f for f in lag_metric_families(snapshot, {})}
+
+    def values(name: str) -> dict[Row, float]:
+        return {
+            (s.labels["consumergroup"], s.labels["topic"], int(s.labels["partition"])): s.value
+            for s in families[name].samples
+        }
+
+    current, lag = values("kafka_consumergroup_current_offset"), values("kafka_consumergroup_lag")
+    return {key: (current[key], lag[key]) for key in lag}
+
+
 def sluice_lag_json(settings: Settings, *args: str) -> Any:
     result = subprocess.run(
         [sys.executable, "-m", "sluice.cli.ops", "lag", "--json", *args],
@@ -145,6 +159,8 @@ async def test_sluice_lag_agrees_with_kafka_consumer_groups_describe(
         theirs = await asyncio.to_thread(
             kafka_describe, settings.bootstrap_servers, [alpha, beta, gamma]
         )
+        async with LagReader(settings, GroupSelector.for_settings(settings)) as reader:
+            exported = _exported_lag(await reader.read())
     finally:
         await member.stop()
 
@@ -153,10 +169,9 @@ async def test_sluice_lag_agrees_with_kafka_consumer_groups_describe(
     for key, (current, end, lag) in theirs.items():
         row = rows[key]
         assert (row["committed"], row["end"]) == (current, end), key
-        if lag is not None:
-            assert row["lag"] == lag, key
-        else:  # Kafka prints "-": no commit; Sluice counts what an earliest consumer has left
-            assert row["committed"] is None and row["lag"] == end, key
+        assert row["lag"] == lag, key  # both null where Kafka prints "-"
+        # the exporter: kafka_exporter's -1 where Kafka prints "-"
+        assert exported[key] == (-1 if current is None else current, -1 if lag is None else lag)
     # and the numbers are the ones we set up
     assert rows[(alpha, orders, 0)]["lag"] == 6
     assert rows[(alpha, orders, 2)]["lag"] == 0
@@ -167,6 +182,7 @@ async def test_sluice_lag_agrees_with_kafka_consumer_groups_describe(
     assert rows[(gamma, events, 1)]["committed"] is None
     groups = {g["group"]: g for g in ours["groups"]}
     assert groups[alpha]["lag"] == 6 + 0 + 0 + 0
+    assert groups[gamma]["lag"] == 4 + 3  # the partition without a commit adds nothing
     assert groups[gamma]["members"] == 1
     assert set(groups) == {alpha, beta, gamma}  # the default: this deployment's groups only
 

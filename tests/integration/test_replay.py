@@ -14,14 +14,16 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pipeline import admin
 from pipeline.config import Settings
 from pipeline.storage import open_store
-from replay.common import SLUICE_REPLAY_ATTEMPT
+from replay.common import LEGACY_REPLAY_ATTEMPT
 from replay.dlq import DlqReplayOptions, replay_dlq
 from replay.prompts import PromptReplayOptions, replay_prompts
+from schemas.attempts import answer_facts, standing
 from schemas.headers import (
     CONNECT_ERRORS_EXCEPTION_CLASS_NAME,
     CONNECT_ERRORS_OFFSET,
     CONNECT_ERRORS_PARTITION,
     CONNECT_ERRORS_TOPIC,
+    SLUICE_ATTEMPT,
     header_value,
     make_dlt_headers,
 )
@@ -148,7 +150,7 @@ async def test_replay_unanswered_re_drives_exactly_the_prompts_whose_answers_wer
     prompts = await read_topic(settings, topics.prompts)
     replayed, originals = [], {}
     for rec in prompts.values():
-        if header_value(list(rec.headers), SLUICE_REPLAY_ATTEMPT) is None:
+        if header_value(list(rec.headers), SLUICE_ATTEMPT) is None:
             originals[rec.value] = rec
         else:
             replayed.append(rec)
@@ -156,7 +158,7 @@ async def test_replay_unanswered_re_drives_exactly_the_prompts_whose_answers_wer
     for rec in replayed:
         original = originals[rec.value]
         assert rec.key == original.key
-        assert list(rec.headers) == [*original.headers, (SLUICE_REPLAY_ATTEMPT, b"1")]
+        assert list(rec.headers) == [*original.headers, (SLUICE_ATTEMPT, b"2")]
     everything = await collect(settings, topics.answers, until=300, within=60)
     by_id = everything.by_request()
     for i in range(100):
@@ -229,10 +231,14 @@ async def test_replay_dlq_answers_every_dead_lettered_prompt_once_the_fault_is_f
         completions = [a for a in decoded if isinstance(a, ChatCompletion)]
         assert len(completions) == 1, f"d-{i}: {len(completions)} completions"
         assert completions[0].content == f"doomed {i}"
+        # an error answer and the re-driven attempt's completion: the completion stands
+        facts = [answer_facts(list(r.headers)) for r in by_id[f"d-{i}"]]
+        stands = standing(facts)
+        assert stands is not None and stands.completion, facts
     redriven = [
         r
         for r in (await read_topic(settings, topics.tokenized)).values()
-        if header_value(list(r.headers), SLUICE_REPLAY_ATTEMPT) == "1"
+        if header_value(list(r.headers), SLUICE_ATTEMPT) == "2"
     ]
     assert len(redriven) == dead
     assert not any(k.startswith("kafka_dlt-") for r in redriven for k, _ in r.headers)
@@ -274,8 +280,8 @@ async def test_replay_dlq_reads_both_header_sets_and_filters_by_reason(
     items: list[Item] = [
         spring(1, "schema"),
         spring(2, "circuit-open"),
-        spring(3, "circuit-open", [(SLUICE_REPLAY_ATTEMPT, b"1")]),
-        spring(4, "engine-fault", [(SLUICE_REPLAY_ATTEMPT, b"5")]),
+        spring(3, "circuit-open", [(SLUICE_ATTEMPT, b"2")]),
+        spring(4, "engine-fault", [(LEGACY_REPLAY_ATTEMPT, b"5")]),  # as an older replay wrote
         (b"c1", b"connect 1", connect_headers),
         (b"n1", b"no origin", [("sluice-request-id", b"n-1")]),
     ]
@@ -295,14 +301,14 @@ async def test_replay_dlq_reads_both_header_sets_and_filters_by_reason(
     sent = await collect(settings, prompts, until=2, within=10, extra_wait=0.5)
     attempts = {
         header_value(list(r.headers), "sluice-request-id"): header_value(
-            list(r.headers), SLUICE_REPLAY_ATTEMPT
+            list(r.headers), SLUICE_ATTEMPT
         )
         for r in sent.records
     }
-    assert attempts == {"s-2": "1", "s-3": "2"}
+    assert attempts == {"s-2": "2", "s-3": "3"}
     for rec in sent.records:
         names = [k for k, _ in rec.headers]
-        assert names == ["sluice-request-id", SLUICE_REPLAY_ATTEMPT], names
+        assert names == ["sluice-request-id", SLUICE_ATTEMPT], names
         assert rec.value in (b"spring 2", b"spring 3")
 
     # The same group again: nothing (it committed past everything, filtered or not).
@@ -316,7 +322,7 @@ async def test_replay_dlq_reads_both_header_sets_and_filters_by_reason(
     }
     moved = await collect(settings, other, until=1, within=10)
     assert [r.value for r in moved.records] == [b"connect 1"]
-    assert [k for k, _ in moved.records[0].headers] == ["sluice-request-id", SLUICE_REPLAY_ATTEMPT]
+    assert [k for k, _ in moved.records[0].headers] == ["sluice-request-id", SLUICE_ATTEMPT]
     # --to sends everything (with an origin or not) to one topic.
     forced = await replay_dlq(settings, DlqReplayOptions(dlt, group_id="third", target_topic=other))
     assert forced.sent == 5 and forced.targets == {other: 5}

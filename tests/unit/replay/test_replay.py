@@ -12,11 +12,12 @@ from pipeline.config import Topics
 from pipeline.runtime.batch import derived_request_id
 from pipeline.storage import LocalStore
 from replay import common
-from replay.common import RateLimiter, ReplaySummary, parse_time, replay_attempts, with_attempt
+from replay.common import RateLimiter, ReplaySummary, parse_time, record_attempt, with_attempt
 from replay.dlq import DlqReplayOptions, decide, redrive_headers
-from replay.prompts import prompt_request_id, replay_headers
+from replay.prompts import is_answered, prompt_request_id, replay_headers
 from replay.restore import restore_conversation, to_jsonl, to_markdown
 from schemas.archive import ArchivedRecord, encode_line, encode_object, object_key
+from schemas.attempts import AnswerFacts
 from schemas.headers import encode_int32, make_dlt_headers
 
 
@@ -29,20 +30,23 @@ def test_a_replayed_prompt_keeps_its_request_id() -> None:
     assert prompt_request_id(with_id) == "req-1"
     assert replay_headers(with_id, "req-1") == [
         ("ce_type", b"sluice.prompt"),
-        ("sluice-replay-attempt", b"1"),
+        ("sluice-attempt", b"2"),  # the first attempt had no header; this is the second
     ]
+    # a new attempt is newer than the answer that stands, too
+    error_of_3 = AnswerFacts(3, completion=False)
+    assert replay_headers(with_id, "req-1", error_of_3)[-1] == ("sluice-attempt", b"4")
 
     by_header = _record(b'{"messages": []}', (("sluice-request-id", b"hdr-1"),))
     assert prompt_request_id(by_header) == "hdr-1"
     assert ("sluice-request-id", b"hdr-1") in replay_headers(by_header, "hdr-1")
 
-    anonymous = _record(b"{not json", (("sluice-replay-attempt", b"2"),))
+    anonymous = _record(b"{not json", (("sluice-attempt", b"3"),))
     derived = derived_request_id("p.prompts", 2, 17)
     assert prompt_request_id(anonymous) == derived
     # The new position would derive another id, so the original one travels as a header.
     assert replay_headers(anonymous, derived) == [
         ("sluice-request-id", derived.encode()),
-        ("sluice-replay-attempt", b"3"),
+        ("sluice-attempt", b"4"),
     ]
 
 
@@ -58,39 +62,51 @@ def test_redriven_dead_letters_lose_the_dead_letter_headers_and_count_attempts()
         reason="engine-fault",
         exc=RuntimeError("boom"),
     )
-    assert redrive_headers(spring, 1) == [*original, ("sluice-replay-attempt", b"1")]
+    assert redrive_headers(spring, 2) == [*original, ("sluice-attempt", b"2")]
     connect = [
         *original,
         ("__connect.errors.topic", b"p.prompts"),
         ("__connect.errors.partition", b"0"),
         ("__connect.errors.exception.class.name", b"org.example.Boom"),
-        ("sluice-replay-attempt", b"1"),
+        ("sluice-attempt", b"2"),
     ]
-    assert redrive_headers(connect, 2) == [*original, ("sluice-replay-attempt", b"2")]
+    assert redrive_headers(connect, 3) == [*original, ("sluice-attempt", b"3")]
 
     options = DlqReplayOptions("p.tokenized.DLT")
     assert decide(spring, options).target == "p.tokenized"
     assert decide(connect, options).target == "p.prompts"
-    assert decide(connect, options).attempt == 2
+    assert decide(spring, options).attempt == 2  # a first attempt's dead letter: the second
+    assert decide(connect, options).attempt == 3
     assert decide(original, options).skip is not None  # no origin and no --to
     assert decide(original, DlqReplayOptions("x", target_topic="elsewhere")).target == "elsewhere"
     only_schema = DlqReplayOptions("x", reasons=frozenset({"schema"}))
     assert decide(spring, only_schema).skip == "reason engine-fault"
     assert decide(connect, only_schema).skip == "reason (none)"
-    tired = [*spring, ("sluice-replay-attempt", b"5")]
-    assert decide(tired, options).skip is not None
+    tired = [*spring, ("sluice-attempt", b"6")]  # five re-drives already
+    assert decide(tired, options).skip == "re-driven 5 times already"
+    assert decide([*spring, ("sluice-attempt", b"5")], options).target == "p.tokenized"
+    legacy = [*spring, ("sluice-replay-attempt", b"5")]  # what replay wrote before
+    assert decide(legacy, options).skip == "re-driven 5 times already"
     assert decide(tired, DlqReplayOptions("x", max_attempts=0)).target == "p.tokenized"
     assert ("kafka_dlt-original-partition", encode_int32(1)) in spring
 
 
-def test_replay_attempt_headers_are_read_leniently_and_replaced() -> None:
-    assert replay_attempts([]) == 0
-    assert replay_attempts([("sluice-replay-attempt", b"x")]) == 0
-    assert replay_attempts([("Sluice-Replay-Attempt", b"4")]) == 4
-    assert with_attempt([("a", b"1"), ("sluice-replay-attempt", b"4")], 5) == [
-        ("a", b"1"),
-        ("sluice-replay-attempt", b"5"),
-    ]
+def test_attempt_headers_are_read_leniently_and_replaced() -> None:
+    assert record_attempt([]) == 1
+    assert record_attempt([("sluice-attempt", b"x")]) == 1
+    assert record_attempt([("Sluice-Attempt", b"4")]) == 4
+    assert record_attempt([("sluice-replay-attempt", b"4")]) == 5  # 4 re-drives: attempt 5
+    assert record_attempt([("sluice-replay-attempt", b"x")]) == 1
+    assert record_attempt([("sluice-replay-attempt", b"9"), ("sluice-attempt", b"2")]) == 2
+    old = [("a", b"1"), ("sluice-replay-attempt", b"4"), ("Sluice-Attempt", b"5")]
+    assert with_attempt(old, 6) == [("a", b"1"), ("sluice-attempt", b"6")]
+
+
+def test_a_prompt_is_answered_by_a_standing_completion_or_unless_retrying_an_error() -> None:
+    assert not is_answered(None, retry_errors=False)
+    assert is_answered(AnswerFacts(1, completion=True), retry_errors=True)
+    assert is_answered(AnswerFacts(2, completion=False), retry_errors=False)
+    assert not is_answered(AnswerFacts(2, completion=False), retry_errors=True)
 
 
 def test_times_are_iso_unix_or_relative() -> None:
@@ -188,11 +204,14 @@ async def test_restore_puts_a_conversations_turns_in_order_with_their_answers(
         )
 
     error = orjson.dumps({"error": {"message": "open", "type": "server_error", "code": "x"}})
+    expired = orjson.dumps({"error": {"message": "late", "type": "server_error", "code": "y"}})
     answers = [
-        (0, "r2", error, "sluice.answer.error"),
-        (1, "r1", completion("r1", "hello"), "sluice.answer"),
-        (2, "r2", completion("r2", "that is all"), "sluice.answer"),
-        (3, "r3", error, "sluice.answer.error"),
+        (0, "r2", error, "sluice.answer.error", 1),
+        (1, "r1", completion("r1", "hello"), "sluice.answer", 1),
+        (2, "r2", completion("r2", "that is all"), "sluice.answer", 2),  # the replay's answer
+        (3, "r3", expired, "sluice.answer.error", 2),
+        (4, "r3", error, "sluice.answer.error", 1),  # attempt 1 re-delivered late: not it
+        (5, "r1", error, "sluice.answer.error", 2),  # an error after a completion: not it
     ]
     lines = [
         encode_line(
@@ -200,9 +219,13 @@ async def test_restore_puts_a_conversations_turns_in_order_with_their_answers(
             5000 + off,
             b"c1",
             body,
-            [("ce_type", ce.encode()), ("sluice-request-id", rid.encode())],
+            [
+                ("ce_type", ce.encode()),
+                ("sluice-request-id", rid.encode()),
+                ("sluice-attempt", str(attempt).encode()),
+            ],
         )
-        for off, rid, body, ce in answers
+        for off, rid, body, ce, attempt in answers
     ]
     await store.put(object_key("p.answers", 1, 0), encode_object(lines))
 
@@ -212,12 +235,19 @@ async def test_restore_puts_a_conversations_turns_in_order_with_their_answers(
     assert turns[1].answer is not None and turns[1].answer["content"] == "that is all"
     assert turns[1].messages[-1] == {"role": "user", "content": "and?"}
     assert turns[2].answer is None and turns[2].error is not None
+    assert turns[2].error["message"] == "late"  # the latest attempt's error stands
+    assert [t.standing for t in turns] == [
+        AnswerFacts(1, completion=True),
+        AnswerFacts(2, completion=True),
+        AnswerFacts(2, completion=False),
+    ]
 
     rows = [orjson.loads(line) for line in to_jsonl(turns).splitlines()]
     assert [r["turn"] for r in rows] == [1, 2, 3]
+    assert [r["attempt"] for r in rows] == [1, 2, 2]
     assert rows[0]["prompt_at"] == "1970-01-01T00:00:01.000Z"
     markdown = to_markdown(turns, "c1")
     assert markdown.count("**user:** hi") == 2  # turn 3 starts over; turn 2 only adds "and?"
     assert "**user:** and?" in markdown and "**assistant:** that is all" in markdown
-    assert "> error (server_error): open" in markdown
+    assert "> error (server_error): late" in markdown
     assert await restore_conversation(store, topics, "nobody") == []

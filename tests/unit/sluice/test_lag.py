@@ -22,7 +22,7 @@ from sluice.lag import (
 
 def _snapshot(t: float, lags: dict[tuple[str, str, int], tuple[int | None, int]]) -> LagSnapshot:
     rows = tuple(
-        PartitionLag(g, topic, p, committed, end, start=2)
+        PartitionLag(g, topic, p, committed, end)
         for (g, topic, p), (committed, end) in sorted(lags.items())
     )
     groups = {g: GroupInfo(g, "Stable", 1) for g, _, _ in lags}
@@ -30,10 +30,10 @@ def _snapshot(t: float, lags: dict[tuple[str, str, int], tuple[int | None, int]]
     return LagSnapshot(t, rows, groups, ends)
 
 
-def test_lag_is_end_minus_committed_and_an_uncommitted_partition_counts_from_log_start() -> None:
+def test_lag_is_end_minus_committed_and_none_without_a_commit() -> None:
     assert PartitionLag("g", "t", 0, committed=40, end=100).lag == 60
     assert PartitionLag("g", "t", 0, committed=100, end=100).lag == 0
-    assert PartitionLag("g", "t", 0, committed=None, end=100, start=30).lag == 70
+    assert PartitionLag("g", "t", 0, committed=None, end=100).lag is None
 
 
 def test_sums_per_topic_and_per_group_include_groups_without_rows() -> None:
@@ -43,12 +43,16 @@ def test_sums_per_topic_and_per_group_include_groups_without_rows() -> None:
             ("a", "t1", 0): (5, 10),
             ("a", "t1", 1): (0, 7),
             ("a", "t2", 0): (None, 4),
+            ("a", "t2", 1): (1, 3),
+            ("a", "t3", 0): (None, 9),
             ("b", "t1", 0): (10, 10),
         },
     )
     snap.groups["empty"] = GroupInfo("empty", "Empty", 0)
+    # partitions without a commit count in no sum; a topic with only those has none
     assert snap.topic_sums() == {("a", "t1"): 12, ("a", "t2"): 2, ("b", "t1"): 0}
     assert snap.group_sums() == {"a": 14, "b": 0, "empty": 0}
+    assert ("a", "t2", 0) not in snap.lags() and snap.lags()[("a", "t2", 1)] == 2
 
 
 def test_group_selector_names_prefix_or_everything() -> None:
@@ -99,12 +103,14 @@ def test_metric_families_have_the_kafka_exporter_names_and_labels() -> None:
 
     assert samples("kafka_consumergroup_lag") == {
         (("consumergroup", "sluice-compute"), ("partition", "0"), ("topic", "sluice.tokenized")): 7,
-        (("consumergroup", "sluice-compute"), ("partition", "1"), ("topic", "s.t")): 4,
+        (("consumergroup", "sluice-compute"), ("partition", "1"), ("topic", "s.t")): -1,
     }
-    # no commit, no current offset (kafka_exporter leaves it out too)
-    assert len(families["kafka_consumergroup_current_offset"].samples) == 1
+    # no commit: kafka_exporter's -1 for the current offset and the lag, and no sum
+    assert samples("kafka_consumergroup_current_offset") == {
+        (("consumergroup", "sluice-compute"), ("partition", "0"), ("topic", "sluice.tokenized")): 3,
+        (("consumergroup", "sluice-compute"), ("partition", "1"), ("topic", "s.t")): -1,
+    }
     assert samples("kafka_consumergroup_lag_sum") == {
-        (("consumergroup", "sluice-compute"), ("topic", "s.t")): 4,
         (("consumergroup", "sluice-compute"), ("topic", "sluice.tokenized")): 7,
     }
     assert samples("kafka_consumergroup_members") == {(("consumergroup", "sluice-compute"),): 1}
@@ -153,12 +159,14 @@ def test_the_table_and_json_show_every_row_with_totals() -> None:
     rows = [line for line in text.splitlines() if "tok" in line]
     assert len(rows) == 3  # two partitions and the total
     assert rows[1].split("│")[4].strip() == "-"  # nothing committed on partition 1
-    assert rows[2].split("│")[6].strip() == "11"  # 7 + 4
+    assert rows[1].split("│")[6].strip() == "-"  # so no lag either, as Kafka prints it
+    assert rows[2].split("│")[6].strip() == "7"  # the partition with a commit
     data = lag_json(snap)
     assert data["groups"][0] == {
         "group": "sluice-compute",
         "state": "Stable",
         "members": 1,
-        "lag": 11,
+        "lag": 7,
     }
     assert data["partitions"][1]["committed"] is None
+    assert data["partitions"][1]["lag"] is None

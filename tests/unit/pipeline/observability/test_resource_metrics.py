@@ -160,7 +160,7 @@ def test_dashboard_state_has_current_values_and_history_after_since() -> None:
     board = Dashboard(settings, exporter, ["http://stage/metrics"], interval_s=1.0, history_s=60)
     rows = (
         PartitionLag("sluice-compute", "sluice.tokenized", 0, 5, 25),
-        PartitionLag("sluice-compute", "sluice.tokenized", 1, None, 4, start=1),
+        PartitionLag("sluice-compute", "sluice.tokenized", 1, None, 4),
     )
     exporter.latest = LagSnapshot(
         100.0,
@@ -177,16 +177,18 @@ def test_dashboard_state_has_current_values_and_history_after_since() -> None:
     state = board.state(since=100.0)
     assert state["history"]["t"] == [101.0]
     series = state["history"]["series"]
-    assert series["lag/sluice-compute"] == [23]
-    assert series["plag/sluice-compute/sluice.tokenized/1"] == [3]
+    assert series["lag/sluice-compute"] == [20]  # the partition without a commit adds nothing
+    assert "plag/sluice-compute/sluice.tokenized/1" not in series
     assert series["members/sluice-compute"] == [2]
     assert series["throughput/compute"] == [20.0]
     assert series["breaker/compute"] == [1]
     assert series["dlt/sluice.prompts.DLT"] == [9]
     (group,) = state["groups"]
-    assert group["lag"] == 23 and group["members"] == 2
+    assert group["lag"] == 20 and group["members"] == 2
     assert [p["committed"] for p in group["partitions"]] == [5, None]
     (stage,) = state["stages"]
     assert stage["stage"] == "compute" and stage["up"] == 1 and stage["dlq_total"] == 2
+    assert stage["breaker_state"] == "half-open"
+    assert state["breakers"] == {"closed": 0, "half-open": 1, "open": 0}
     assert state["dlt"] == {"sluice.prompts.DLT": 9}
     assert len(board.state()["history"]["t"]) == 2
