@@ -45,6 +45,16 @@ class Topics:
     def answers(self) -> str:
         return f"{self.prefix}answers"
 
+    @property
+    def replies(self) -> str:
+        """Reply partitions: each asker's text deltas and answer copies (``sluice-reply-to``)."""
+        return f"{self.prefix}replies"
+
+    @property
+    def control(self) -> str:
+        """Cancels by request id, read by every compute worker."""
+        return f"{self.prefix}control"
+
     @staticmethod
     def dlt(topic: str) -> str:
         return f"{topic}.DLT"

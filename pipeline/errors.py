@@ -14,7 +14,14 @@ from __future__ import annotations
 from typing import ClassVar
 
 from schemas.errors import SchemaError
-from schemas.messages import CIRCUIT_OPEN, INVALID_REQUEST_ERROR, SERVER_ERROR, ErrorAnswer
+from schemas.messages import (
+    CANCELLED,
+    CIRCUIT_OPEN,
+    EXPIRED,
+    INVALID_REQUEST_ERROR,
+    SERVER_ERROR,
+    ErrorAnswer,
+)
 
 
 class SluiceError(Exception):
@@ -83,6 +90,27 @@ class CircuitOpen(SluiceError):
 
     def answer(self) -> ErrorAnswer:
         return ErrorAnswer.build(self.message, type=SERVER_ERROR, code=CIRCUIT_OPEN)
+
+
+class Expired(SluiceError):
+    """Not served: the request's deadline (``sluice-deadline``) passed first. Not a fault; its
+    dead letter (reason ``expired``) is re-driven by ``sluice replay dlq --reason expired``."""
+
+    fault = False
+    reason = "expired"
+
+    def answer(self) -> ErrorAnswer:
+        return ErrorAnswer.build(self.message, type=SERVER_ERROR, code=EXPIRED)
+
+
+class Cancelled(SluiceError):
+    """Not served (or stopped mid-generation): the asker cancelled it. Not a fault."""
+
+    fault = False
+    reason = "cancelled"
+
+    def answer(self) -> ErrorAnswer:
+        return ErrorAnswer.build(self.message, type=SERVER_ERROR, code=CANCELLED)
 
 
 class FatalError(SluiceError):

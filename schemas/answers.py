@@ -29,6 +29,8 @@ SERVER_ERROR: Final = "server_error"
 CONTEXT_LENGTH_EXCEEDED: Final = "context_length_exceeded"
 CIRCUIT_OPEN: Final = "circuit_open"
 TIMEOUT: Final = "timeout"
+EXPIRED: Final = "expired"  # the request's deadline passed before it was served
+CANCELLED: Final = "cancelled"  # the asker cancelled it (or left) before it was served
 
 AnswerFinishReason = Literal["stop", "length", "content_filter"]
 
@@ -114,7 +116,12 @@ class ErrorBody(WireModel):
     code: str | None = None
 
 
-_HTTP_STATUS: Final[dict[str | None, int]] = {CIRCUIT_OPEN: 503, TIMEOUT: 504}
+_HTTP_STATUS: Final[dict[str | None, int]] = {
+    CIRCUIT_OPEN: 503,
+    TIMEOUT: 504,
+    EXPIRED: 504,
+    CANCELLED: 499,
+}
 
 
 class ErrorAnswer(Message):

@@ -22,10 +22,12 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from schemas.answers import (
+    CANCELLED,
     CE_ANSWER,
     CE_ANSWER_ERROR,
     CIRCUIT_OPEN,
     CONTEXT_LENGTH_EXCEEDED,
+    EXPIRED,
     INVALID_REQUEST_ERROR,
     SERVER_ERROR,
     TIMEOUT,
@@ -42,6 +44,7 @@ from schemas.errors import SchemaError
 from schemas.wire import Message, WireModel, decode, encode
 
 __all__ = [
+    "CANCELLED",
     "CE_ANSWER",
     "CE_ANSWER_ERROR",
     "CE_GENERATED",
@@ -49,6 +52,7 @@ __all__ = [
     "CE_TOKENIZED",
     "CIRCUIT_OPEN",
     "CONTEXT_LENGTH_EXCEEDED",
+    "EXPIRED",
     "INVALID_REQUEST_ERROR",
     "MESSAGE_TYPES",
     "SERVER_ERROR",

@@ -277,7 +277,9 @@ def _stuck(group: str, snapshots: list[LagSnapshot]) -> list[str]:
     return [
         f"{p.topic}[{p.partition}]"
         for p in snapshots[-1].partitions
-        if p.group == group and p.lag > 0 and first.get((p.topic, p.partition), -1) == p.committed
+        if p.group == group
+        and (p.lag or 0) > 0
+        and first.get((p.topic, p.partition), -1) == p.committed
     ]
 
 
