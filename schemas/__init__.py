@@ -51,6 +51,7 @@ from schemas.headers import (
     parse_traceparent,
 )
 from schemas.messages import (
+    CANCELLED,
     CE_ANSWER,
     CE_ANSWER_ERROR,
     CE_GENERATED,
@@ -58,6 +59,7 @@ from schemas.messages import (
     CE_TOKENIZED,
     CIRCUIT_OPEN,
     CONTEXT_LENGTH_EXCEEDED,
+    EXPIRED,
     INVALID_REQUEST_ERROR,
     MESSAGE_TYPES,
     SERVER_ERROR,
@@ -86,6 +88,7 @@ from schemas.messages import (
 )
 
 __all__ = [
+    "CANCELLED",
     "CE_ANSWER",
     "CE_ANSWER_ERROR",
     "CE_GENERATED",
@@ -113,6 +116,7 @@ __all__ = [
     "DLT_ORIGINAL_PARTITION",
     "DLT_ORIGINAL_TIMESTAMP",
     "DLT_ORIGINAL_TOPIC",
+    "EXPIRED",
     "INVALID_REQUEST_ERROR",
     "MESSAGE_TYPES",
     "SERVER_ERROR",

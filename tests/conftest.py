@@ -21,6 +21,7 @@ from infra.minio.server import MinioConfig, start_minio, stop_minio
 from infra.process import InfraError, ServiceHandle
 from pipeline import admin
 from pipeline.config import Settings
+from pipeline.logs import remove_kafka_log_summary
 
 _started: dict[str, str] = {}
 
@@ -34,6 +35,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for line in _started.values():
         terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def _no_kafka_log_summary_between_tests() -> Iterator[None]:
+    """A test that runs a command's ``setup_logging`` leaves aiokafka's loggers routed through
+    a summary with state of its own; the next test starts without it."""
+    yield
+    remove_kafka_log_summary()
 
 
 @pytest.fixture(scope="session")
