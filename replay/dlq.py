@@ -40,7 +40,8 @@ from replay.common import (
     record_attempt,
     with_attempt,
 )
-from schemas.headers import SLUICE_DLT_REASON, SLUICE_REQUEST_ID, header_value, parse_dlt_headers
+from schemas.dlt import parse_dlt_headers
+from schemas.headers import SLUICE_DLT_REASON, SLUICE_REQUEST_ID, header_value
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from aiokafka.protocol.admin import ApiVersionRequest
 
 from pipeline.admin import admin_client
 from pipeline.config import Settings, Topics
-from schemas.headers import parse_dlt_headers
+from schemas.dlt import parse_dlt_headers
 from sluice.doctor import Check, DoctorReport, Verdict
 from sluice.lag import GroupSelector, LagReader, LagSnapshot
 

@@ -17,7 +17,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from pipeline.config import Topics
 from pipeline.errors import SluiceError
 from pipeline.runtime.batch import Output, Record
-from schemas.headers import SLUICE_REQUEST_ID, Headers, make_dlt_headers
+from schemas.dlt import make_dlt_headers
+from schemas.headers import SLUICE_REQUEST_ID, Headers
 
 SLUICE_DLT_TRUNCATED = "sluice-dlt-truncated"
 """What was cut to make the dead letter fit: a comma-separated subset of key, value, headers."""

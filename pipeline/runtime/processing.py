@@ -36,7 +36,8 @@ from pipeline.observability.metrics import StageMetrics
 from pipeline.runtime.batch import Batch, Output, Record, Result
 from pipeline.runtime.breaker import BreakerState, CircuitBreaker, ResponseCache
 from pipeline.runtime.stage import Handler, output_for
-from schemas.headers import SLUICE_DEGRADED, header_value, make_dlt_headers
+from schemas.dlt import make_dlt_headers
+from schemas.headers import SLUICE_DEGRADED, header_value
 
 log = logging.getLogger(__name__)
 

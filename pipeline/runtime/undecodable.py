@@ -32,7 +32,7 @@ from pipeline.config import Topics
 from pipeline.errors import InvalidInput
 from pipeline.runtime.batch import Output, Record
 from pipeline.runtime.raw_records import RawRecord, read_batches
-from schemas.headers import make_dlt_headers
+from schemas.dlt import make_dlt_headers
 
 log = logging.getLogger(__name__)
 

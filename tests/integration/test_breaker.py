@@ -15,7 +15,8 @@ from pipeline import admin
 from pipeline.config import Settings
 from pipeline.runtime.breaker import BreakerState
 from pipeline.runtime.runner import StageRunner
-from schemas.headers import header_value, make_headers, parse_dlt_headers
+from schemas.dlt import parse_dlt_headers
+from schemas.headers import header_value, make_headers
 from schemas.messages import (
     ErrorAnswer,
     GeneratedMessage,

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline import admin
 from pipeline.config import Settings
-from schemas.headers import make_headers, parse_dlt_headers
+from schemas.dlt import parse_dlt_headers
+from schemas.headers import make_headers
 from schemas.messages import ErrorAnswer, decode_answer
 from sluice.procs import StageProcess, stage_env
 from tests.integration.kafka_io import Item, collect, produce, prompt

@@ -14,7 +14,8 @@ import pytest
 from pipeline import admin
 from pipeline.config import Settings
 from pipeline.runtime.batch import derived_request_id
-from schemas.headers import header_value, parse_dlt_headers
+from schemas.dlt import parse_dlt_headers
+from schemas.headers import header_value
 from schemas.messages import ChatCompletion, ErrorAnswer, decode_answer
 from sluice.procs import StageProcess, stage_env
 from tests.integration.kafka_io import Item, collect, group_lag, produce, prompt

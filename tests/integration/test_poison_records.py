@@ -21,7 +21,8 @@ from pipeline.runtime.undecodable import (
     recover,
     rewind,
 )
-from schemas.headers import DLT_ORIGINAL_OFFSET, decode_dlt_int, header_bytes, header_value
+from schemas.dlt import DLT_ORIGINAL_OFFSET, decode_dlt_int
+from schemas.headers import header_bytes, header_value
 from tests.chaos.raw import send_raw_batch
 
 BAD_KEY = b"\xff\xfe-not-utf8"

@@ -18,15 +18,14 @@ from replay.common import LEGACY_REPLAY_ATTEMPT
 from replay.dlq import DlqReplayOptions, replay_dlq
 from replay.prompts import PromptReplayOptions, replay_prompts
 from schemas.attempts import answer_facts, standing
-from schemas.headers import (
+from schemas.dlt import (
     CONNECT_ERRORS_EXCEPTION_CLASS_NAME,
     CONNECT_ERRORS_OFFSET,
     CONNECT_ERRORS_PARTITION,
     CONNECT_ERRORS_TOPIC,
-    SLUICE_ATTEMPT,
-    header_value,
     make_dlt_headers,
 )
+from schemas.headers import SLUICE_ATTEMPT, header_value
 from schemas.messages import ChatCompletion, ErrorAnswer, decode_answer
 from tests.conftest import S3Endpoint
 from tests.integration.archive_helpers import (

@@ -18,7 +18,7 @@ from replay.prompts import is_answered, prompt_request_id, replay_headers
 from replay.restore import restore_conversation, to_jsonl, to_markdown
 from schemas.archive import ArchivedRecord, encode_line, encode_object, object_key
 from schemas.attempts import AnswerFacts
-from schemas.headers import encode_int32, make_dlt_headers
+from schemas.dlt import encode_int32, make_dlt_headers
 
 
 def _record(value: bytes, headers: tuple[tuple[str, bytes | None], ...] = ()) -> ArchivedRecord:

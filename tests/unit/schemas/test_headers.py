@@ -39,7 +39,7 @@ from schemas import (
     parse_headers,
     parse_traceparent,
 )
-from schemas.headers import DLT_ORIGINAL_TIMESTAMP_TYPE
+from schemas.dlt import DLT_ORIGINAL_TIMESTAMP_TYPE
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"

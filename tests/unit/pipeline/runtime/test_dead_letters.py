@@ -15,15 +15,8 @@ from pipeline.runtime.dead_letters import (
     fits,
     record_size,
 )
-from schemas.headers import (
-    DLT_ORIGINAL_OFFSET,
-    DLT_ORIGINAL_TIMESTAMP_TYPE,
-    SLUICE_DLT_REASON,
-    SLUICE_REQUEST_ID,
-    encode_int64,
-    header_bytes,
-    header_value,
-)
+from schemas.dlt import DLT_ORIGINAL_OFFSET, DLT_ORIGINAL_TIMESTAMP_TYPE, encode_int64
+from schemas.headers import SLUICE_DLT_REASON, SLUICE_REQUEST_ID, header_bytes, header_value
 
 LIMIT = 1 << 20
 

@@ -23,6 +23,7 @@ from pipeline.runtime.batch import Batch, Output, Record, Result
 from pipeline.runtime.breaker import BreakerState, CircuitBreaker, ResponseCache
 from pipeline.runtime.processing import Decision, RecordProcessor, RetryPolicy, outputs_of
 from pipeline.runtime.stage import StageSpec
+from schemas.dlt import parse_dlt_headers
 from schemas.headers import (
     SLUICE_DEGRADED,
     SLUICE_DLT_REASON,
@@ -30,7 +31,6 @@ from schemas.headers import (
     Headers,
     header_value,
     make_headers,
-    parse_dlt_headers,
 )
 from schemas.messages import CIRCUIT_OPEN, ErrorAnswer, decode_answer
 
