@@ -56,7 +56,6 @@ async def create_topics(
     :func:`wait_for_leaders`), so a producer or consumer started next meets no leader changes.
     """
     wanted = list(names) if names is not None else settings.topics.all_topics()
-    parts = partitions or settings.partitions
     admin = admin_client(settings)
     await admin.start()
     try:
@@ -64,8 +63,9 @@ async def create_topics(
         missing = [t for t in wanted if t not in existing]
         created: list[str] = []
         if missing:
-            rf = settings.replication_factor
-            response = await admin.create_topics([NewTopic(t, parts, rf) for t in missing])
+            response = await admin.create_topics(
+                [new_topic(settings, t, partitions) for t in missing]
+            )
             for topic, code, message in response.topic_errors:
                 if code == 0:
                     created.append(topic)
@@ -76,6 +76,51 @@ async def create_topics(
         return created, [t for t in wanted if t not in created]
     finally:
         await admin.close()
+
+
+def new_topic(settings: Settings, name: str, partitions: int | None = None) -> NewTopic:
+    """How ``name`` is created: the replies topic with ``replies_topic_partitions``, the
+    control topic with ``control_topic_partitions``, both with ``edge_retention_ms``; every
+    other topic with ``partitions`` (default ``settings.partitions``)."""
+    topics = settings.topics
+    parts = partitions or settings.partitions
+    rf = settings.replication_factor
+    retention = {"retention.ms": str(settings.edge_retention_ms)}
+    if name == topics.replies:
+        replies = settings.replies_topic_partitions or parts
+        return NewTopic(name, replies, rf, topic_configs=retention)
+    if name == topics.control:
+        return NewTopic(name, settings.control_topic_partitions, rf, topic_configs=retention)
+    return NewTopic(name, parts, rf)
+
+
+async def cluster_id(settings: Settings) -> str:
+    """The Kafka cluster id (KIP-78), which request ids derived from a record's position
+    include (``schemas.ids``)."""
+    admin = admin_client(settings)
+    await admin.start()
+    try:
+        described = await admin.describe_cluster()
+    finally:
+        await admin.close()
+    cid = described.get("cluster_id")
+    if not isinstance(cid, str) or not cid:
+        raise KafkaError("the broker did not say its cluster id (Kafka 0.10.1 or newer needed)")
+    return cid
+
+
+async def partition_count(settings: Settings, topic: str) -> int:
+    """How many partitions ``topic`` has; 0 when it does not exist."""
+    admin = admin_client(settings)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    for d in described:
+        if d["topic"] == topic and d["error_code"] == 0:
+            return len(d["partitions"])
+    return 0
 
 
 async def wait_for_leaders(

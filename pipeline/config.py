@@ -62,9 +62,15 @@ class Topics:
     def main_topics(self) -> list[str]:
         return [self.prompts, self.tokenized, self.generated, self.answers]
 
+    def edge_topics(self) -> list[str]:
+        """The replies and control topics: short-lived traffic, no ``.DLT`` twins."""
+        return [self.replies, self.control]
+
     def all_topics(self) -> list[str]:
-        """Every topic Sluice uses: the four of the flow and a ``.DLT`` for each."""
-        return [t for topic in self.main_topics() for t in (topic, self.dlt(topic))]
+        """Every topic Sluice uses: the four of the flow with a ``.DLT`` each, then replies
+        and control."""
+        flow = [t for topic in self.main_topics() for t in (topic, self.dlt(topic))]
+        return [*flow, *self.edge_topics()]
 
 
 class Settings(BaseSettings):
@@ -147,6 +153,26 @@ class Settings(BaseSettings):
         ge=1,
         description="Replication factor of the topics `sluice topics create` makes.",
     )
+    replies_topic_partitions: int = Field(
+        default=0,
+        ge=0,
+        description="Partitions of the replies topic (`<prefix>replies`: each asker's text "
+        "deltas and answer copies); 0: `SLUICE_PARTITIONS`. Askers (gateway replicas, "
+        "clients) with different reply partitions read nothing of each other's traffic.",
+    )
+    control_topic_partitions: int = Field(
+        default=1,
+        ge=1,
+        description="Partitions of the control topic (`<prefix>control`: cancels by request "
+        "id, read by every compute worker).",
+    )
+    edge_retention_ms: int = Field(
+        default=3_600_000,
+        ge=60_000,
+        description="Retention of the replies and control topics: deltas, answer copies and "
+        "cancels matter only while their request is alive (the answers topic keeps every "
+        "answer).",
+    )
 
     # Conversation log (object storage)
     archive_url: str = Field(
@@ -194,6 +220,21 @@ class Settings(BaseSettings):
         description="How long the producer client (so also the gateway, `sluice send` and "
         "`sluice infer`) waits for a request's answer; then the request is answered with a "
         "`timeout` error (HTTP 504 at the gateway).",
+    )
+    reply_partitions: str = Field(
+        default="",
+        pattern=r"^\s*([0-9]+\s*(,\s*[0-9]+\s*)*)?$",
+        description="The partitions of the replies topic this client or gateway replica reads "
+        "its answers and deltas from, and names in every prompt's `sluice-reply-to`: `3` or "
+        "`3,4`. Empty: `SLUICE_INSTANCE_ID` (a number, else its hash) modulo the topic's "
+        "partition count. Askers that share a partition still get only their own answers, "
+        "each reading the other's traffic too.",
+    )
+    publish_backoff_max_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Longest wait between two attempts to publish a prompt while the broker "
+        "is unreachable; attempts go on until the request's own deadline.",
     )
     gateway_host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
     gateway_port: int = Field(

@@ -15,10 +15,11 @@ objects live in `schemas.answers`, the base model and the codec (`encode`, `deco
 
 from __future__ import annotations
 
-from typing import ClassVar, Final, Literal, Self
+from typing import Any, ClassVar, Final, Literal, Self
 
 import pydantic
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from schemas.answers import (
@@ -113,7 +114,10 @@ def _text_of_parts(value: object) -> object:
 
 
 class ChatMessage(WireModel):
-    """One chat turn. `content` is text; a list of text parts is joined into one string."""
+    """One chat turn. `content` is text; a list of text parts is joined into one string.
+
+    OpenAI's `developer` role is the `system` role of newer models: it is read as `system`.
+    """
 
     model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
 
@@ -121,22 +125,62 @@ class ChatMessage(WireModel):
     content: str
     name: str | None = None
 
+    @field_validator("role", mode="before")
+    @classmethod
+    def _developer_is_system(cls, value: object) -> object:
+        return "system" if value == "developer" else value
+
     @field_validator("content", mode="before")
     @classmethod
     def _join_text_parts(cls, value: object) -> object:
         return _text_of_parts(value)
 
 
+# OpenAI request fields Sluice does not implement, and the values that ask for nothing (what
+# the SDKs send by default, or an explicit "off"). Any other value is refused, naming the field:
+# an answer that silently ignored it would not be the answer the caller asked for.
+UNSUPPORTED_PARAMETERS: Final[dict[str, tuple[object, ...]]] = {
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+
+
+def _refuse_unsupported(value: object, info: ValidationInfo) -> object:
+    name = info.field_name or "?"
+    for off in UNSUPPORTED_PARAMETERS[name]:
+        if value == off and isinstance(value, bool) == isinstance(off, bool):
+            return None  # asks for nothing: the same as leaving it out
+    raise PydanticCustomError(
+        "unsupported_parameter",
+        "'{name}' is not supported by this server; leave it out",
+        {"name": name},
+    )
+
+
 class PromptMessage(Message):
     """An OpenAI chat-completions request body plus Sluice's `id`, `conversation_id`, `metadata`.
 
     Fields OpenAI defines that Sluice does not implement (`tools`, `response_format`,
-    `logprobs`, penalties, ...) and any unknown fields are ignored, not rejected, so stock
-    OpenAI clients work unchanged. `n` must be 1. `stop` is normalised to a list (a single
-    string becomes a one-item list; empty strings are dropped). `top_k` is the common
-    extension OpenAI lacks. `id` and `conversation_id` are optional on input: the gateway or
-    preprocess fills them. Validation errors never echo the input (prompt text stays out of
-    logs).
+    `logprobs`, penalties, ... see `UNSUPPORTED_PARAMETERS`) are refused, naming the field,
+    unless they carry their "off" value; unknown fields are ignored. `n` must be 1. `stop` is
+    normalised to a list (a single string becomes a one-item list; empty strings are dropped).
+    `top_k` is the common extension OpenAI lacks. `id` and `conversation_id` are optional on
+    input: the gateway or preprocess fills them. Validation errors never echo the input (prompt
+    text stays out of logs).
     """
 
     model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
@@ -157,6 +201,26 @@ class PromptMessage(Message):
     id: str | None = Field(default=None, min_length=1, max_length=256)
     conversation_id: str | None = Field(default=None, min_length=1, max_length=256)
     metadata: dict[str, str] | None = None
+
+    # refused unless "off" (kept out of the JSON schema and out of what is published)
+    response_format: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    tools: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    tool_choice: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    parallel_tool_calls: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    functions: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    function_call: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    logprobs: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    top_logprobs: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    logit_bias: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    frequency_penalty: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    presence_penalty: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    audio: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    modalities: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    prediction: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    reasoning_effort: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+    web_search_options: SkipJsonSchema[Any] = Field(default=None, exclude=True)
+
+    _unsupported = field_validator(*UNSUPPORTED_PARAMETERS, mode="before")(_refuse_unsupported)
 
     @field_validator("stop", mode="before")
     @classmethod

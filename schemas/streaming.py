@@ -12,6 +12,9 @@
   the final answer's content; the last one carries ``finish_reason`` (and ``usage``).
 - :class:`CancelMessage` (``sluice.cancel``), on the control topic that every compute worker
   reads: stop this request; its answer is a ``cancelled`` error answer.
+
+:func:`reply_copy` is what the stage that produces an answer adds beside it: the same value and
+headers, addressed to the request's reply partition.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import ClassVar, Final, Self
 from pydantic import Field
 
 from schemas.answers import Usage
-from schemas.headers import HeadersIn, header_value
+from schemas.headers import Headers, HeadersIn, header_value
 from schemas.wire import Message
 
 SLUICE_DEADLINE: Final = "sluice-deadline"
@@ -86,6 +89,18 @@ def parse_reply_to(headers: HeadersIn) -> ReplyTo | None:
     """The record's reply address; None when absent or malformed."""
     raw = header_value(headers, SLUICE_REPLY_TO)
     return None if raw is None else ReplyTo.parse(raw)
+
+
+def reply_copy(answer_headers: HeadersIn, value: bytes) -> tuple[str, int, Headers, bytes] | None:
+    """The copy of an answer for its asker: ``(topic, partition, headers, value)`` at the
+    answer's ``sluice-reply-to`` (carried over from the request), or None when the answer
+    names no (readable) reply address. Headers and value are the answer's own, so the copy is
+    the same CloudEvent (``ce_type``, request id, attempt, timings) as the answer."""
+    address = parse_reply_to(answer_headers)
+    if address is None:
+        return None
+    headers = [(name, raw) for name, raw in answer_headers if raw is not None]
+    return address.topic, address.partition, headers, value
 
 
 class DeltaMessage(Message):

@@ -1,14 +1,10 @@
-"""The producer client: publish prompts, route answers back to whoever asked."""
+"""The producer client: publish prompts, route answers and deltas back to whoever asked."""
 
-from pipeline.client.client import (
-    ClientStopped,
-    Prepared,
-    Prompt,
-    PublishError,
-    SluiceClient,
-    prepare,
-)
+from pipeline.client.client import ClientStopped, SluiceClient
+from pipeline.client.prompts import Prepared, Prompt, prepare, refusal
+from pipeline.client.publish import PublishError, PublishTimeout
 from pipeline.client.routing import AnswerError, AnswerRouter, Reply, RouterStats
+from pipeline.client.stream import ReplyStream
 
 __all__ = [
     "AnswerError",
@@ -17,8 +13,11 @@ __all__ = [
     "Prepared",
     "Prompt",
     "PublishError",
+    "PublishTimeout",
     "Reply",
+    "ReplyStream",
     "RouterStats",
     "SluiceClient",
     "prepare",
+    "refusal",
 ]

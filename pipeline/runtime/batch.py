@@ -86,6 +86,7 @@ class Output:
     value: bytes
     headers: Headers
     tombstone: bool = False
+    partition: int | None = None  # None: the producer's partitioner (by key)
 
     @property
     def wire_value(self) -> bytes | None:

@@ -37,7 +37,8 @@ from pipeline.runtime.batch import Batch, Output, Record, Result
 from pipeline.runtime.breaker import BreakerState, CircuitBreaker, ResponseCache
 from pipeline.runtime.stage import Handler, output_for
 from schemas.dlt import make_dlt_headers
-from schemas.headers import SLUICE_DEGRADED, header_value
+from schemas.headers import SLUICE_DEGRADED, header_bytes, header_value
+from schemas.streaming import SLUICE_REPLY_TO, reply_copy
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +202,13 @@ class RecordProcessor:
 
     def decide(self, result: Result) -> Decision:
         """The outputs for one result: its own (degraded if the request was), or a dead letter."""
+        answers = self.spec.answers_topic
         if result.error is None:
-            return Decision(result.record, propagate_degraded(result.record, result.outputs))
+            outputs = propagate_degraded(result.record, result.outputs)
+            return Decision(result.record, with_reply_copies(result.record, outputs, answers))
+        dead = self.dead_letter(result.record, result.error)
         return Decision(
-            result.record, self.dead_letter(result.record, result.error), error=result.error
+            result.record, with_reply_copies(result.record, dead, answers), error=result.error
         )
 
     def dead_letter(self, record: Record, error: SluiceError) -> list[Output]:
@@ -245,6 +249,21 @@ class RecordProcessor:
         self.metrics.dead_letters.labels(self.stage, error.reason).inc()
         self.metrics.error_answers.labels(self.stage, error.reason).inc()
         return [dead, answer]
+
+
+def with_reply_copies(record: Record, outputs: list[Output], answers: str) -> list[Output]:
+    """``outputs`` and, for each answer among them, its copy to the request's reply partition
+    (``sluice-reply-to`` of the answer, else of the record: a cached answer rebound here)."""
+    address = (
+        [(SLUICE_REPLY_TO, raw)] if (raw := header_bytes(record.headers, SLUICE_REPLY_TO)) else []
+    )
+    copies: list[Output] = []
+    for o in outputs:
+        copy = reply_copy([*address, *o.headers], o.value) if o.topic == answers else None
+        if copy is not None:
+            topic, partition, headers, value = copy
+            copies.append(Output(topic, o.key, value, headers, partition=partition))
+    return [*outputs, *copies]
 
 
 def propagate_degraded(record: Record, outputs: list[Output]) -> list[Output]:

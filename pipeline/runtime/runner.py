@@ -395,7 +395,10 @@ class StageRunner:
         outputs = outputs_of(decisions)
         try:
             futures = [
-                await producer.send(o.topic, o.value, key=o.key, headers=o.headers) for o in outputs
+                await producer.send(
+                    o.topic, o.value, key=o.key, headers=o.headers, partition=o.partition
+                )
+                for o in outputs
             ]
             await asyncio.gather(*futures)
         except KafkaError as exc:

@@ -23,6 +23,7 @@ from schemas.headers import (
     make_headers,
 )
 from schemas.messages import Message, encode
+from schemas.streaming import SLUICE_DEADLINE, SLUICE_REPLY_TO
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,17 @@ def output_for(
     extra: dict[str, str] | None = None,
 ) -> Output:
     """A message produced because of ``record``: CloudEvents headers, the trace continued."""
+    carried = {
+        name: value
+        for name in (SLUICE_DEADLINE, SLUICE_REPLY_TO)
+        if (value := header_value(record.headers, name)) is not None
+    }
     headers = make_headers(
         message.ce_type,
         stage,
         request_id,
         traceparent=header_value(record.headers, TRACEPARENT),
-        extra=extra,
+        extra={**carried, **(extra or {})},
     )
     return Output(topic=topic, key=key, value=encode(message), headers=headers)
 

@@ -214,7 +214,8 @@ def scale(
 def topics_create(
     partitions: Annotated[int | None, typer.Option(help="Partitions per topic.")] = None,
 ) -> None:
-    """Create every Sluice topic and its .DLT twin (idempotent).
+    """Create every Sluice topic (idempotent): the flow's, each with a .DLT twin, and the
+    replies and control topics.
 
     Returns once every partition has a leader and the stages' consumer groups have a
     coordinator, so stages started next join without retries.

@@ -30,11 +30,11 @@ from typing import Any
 import orjson
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline.aio import run_async
-from pipeline.client import ClientStopped, Prepared, PublishError, SluiceClient, prepare
+from pipeline.client import ClientStopped, Prepared, PublishError, Reply, SluiceClient, prepare
 from pipeline.config import Settings, load_settings
 from pipeline.logs import setup_logging
 from schemas.errors import SchemaError
@@ -50,7 +50,7 @@ from stages.gateway.errors import (
 )
 from stages.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from stages.gateway.openapi import error_responses, install_openapi, json_body
-from stages.gateway.sse import MEDIA_TYPE, SSE_EVENT_SCHEMA, sse_body
+from stages.gateway.sse import MEDIA_TYPE, SSE_EVENT_SCHEMA, Chunks, relay
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,11 @@ STAGE = "gateway"
 VERSION = "0.1.0"
 DESCRIPTION = """OpenAI-compatible chat completions served by Sluice, an LLM pipeline over Kafka.
 
-Every error is an OpenAI error object. **Streaming**: the pipeline does not stream tokens; with
-`stream: true` the whole answer comes as one `chat.completion.chunk`, a finish chunk (and a usage
-chunk with `stream_options.include_usage`), then `data: [DONE]`.
+Every error is an OpenAI error object. **Streaming**: with `stream: true` the answer comes as
+`chat.completion.chunk` events as it is generated: the role, the text deltas, a finish chunk (and
+a usage chunk with `stream_options.include_usage`), then `data: [DONE]`. Request fields the
+server does not implement (`tools`, `response_format`, `logprobs`, ...) are refused (400, with
+`param` naming the field).
 
 The `model` field is not checked: the gateway serves the one model of `GET /v1/models`. Any `id`
 in the body is replaced: the gateway gives each request its own id (header `x-request-id`)."""
@@ -129,6 +131,8 @@ def chat_router(settings: Settings, backend: SluiceClient, auth: Auth) -> APIRou
         prepared = prepare(orjson.loads(raw), request_id=str(uuid.uuid4()))
         if len(prepared.value) > settings.max_prompt_bytes:
             raise too_large("prompt", len(prepared.value), settings.max_prompt_bytes)
+        if body.stream:
+            return await stream_completion(backend, prepared, body, settings.model_path.name)
         return await complete(backend, prepared, body)
 
     return router
@@ -137,7 +141,8 @@ def chat_router(settings: Settings, backend: SluiceClient, auth: Auth) -> APIRou
 async def complete(
     backend: SluiceClient, prepared: Prepared, body: ChatCompletionRequest
 ) -> Response:
-    """Publish ``prepared``, wait for its answer and answer the HTTP request with it."""
+    """Publish ``prepared``, wait for its answer and answer the HTTP request with it (a
+    timeout is 504, and the client has published a cancel for it)."""
     if not backend.ready:
         raise unavailable("the gateway is not connected to Kafka")
     try:
@@ -159,10 +164,42 @@ async def complete(
             answer.error.code or answer.error.type,
         )
         return error_response(reply.status, answer, headers)
-    if body.stream:
-        headers["cache-control"] = "no-cache"
-        return Response(sse_body(answer, body.include_usage), 200, headers, MEDIA_TYPE)
     return Response(encode(answer), 200, headers, media_type="application/json")
+
+
+async def stream_completion(
+    backend: SluiceClient, prepared: Prepared, body: ChatCompletionRequest, model: str
+) -> Response:
+    """Publish ``prepared`` as a stream; relay its deltas as Server-Sent Events. An error that
+    comes before any delta is answered with its HTTP status instead of a stream."""
+    if not backend.ready:
+        raise unavailable("the gateway is not connected to Kafka")
+    stream = backend.stream(prepared)
+    try:
+        first = await stream.next_event()
+    except PublishError as exc:
+        log.error("gateway: request %s not published: %s", prepared.request_id, exc)
+        raise unavailable("the prompt could not be queued") from exc
+    except BaseException:
+        stream.close("gateway error")
+        raise
+    headers = {"x-request-id": prepared.request_id}
+    chunks = Chunks(f"chatcmpl-{prepared.request_id}", body.model or model)
+    if isinstance(first, Reply):
+        answer = first.answer
+        if not isinstance(answer, ChatCompletion):
+            log.info(
+                "gateway: request %s answered %d: %s",
+                first.request_id,
+                first.status,
+                answer.error.code or answer.error.type,
+            )
+            return error_response(first.status, answer, headers)
+        chunks = Chunks.of(answer)
+    headers["cache-control"] = "no-cache"
+    return StreamingResponse(
+        relay(stream, first, chunks, body.include_usage), 200, headers, media_type=MEDIA_TYPE
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -230,9 +267,9 @@ def probes_router(backend: SluiceClient, metrics: GatewayMetrics) -> APIRouter:
 
     @router.get("/readyz", response_model=Probe, responses=probe_responses)
     async def readyz() -> Response:
-        """Ready: the Kafka producer and the reply consumer are started."""
-        ok = backend.ready
-        return probe(ok, "producer and reply consumer started" if ok else "starting")
+        """Ready: the Kafka producer and the reply consumer are started and the broker
+        answers (red while Kafka is unreachable)."""
+        return probe(*backend.readiness())
 
     @router.get(
         "/metrics",

@@ -74,6 +74,10 @@ async def test_topics_create_is_idempotent_and_lists_every_topic_with_its_dlt(
         assert infos[topic].partitions == 4
         assert infos[f"{topic}.DLT"].partitions == 4
         assert infos[topic].end_offsets == {p: 0 for p in range(4)}
+    assert infos[settings.topics.replies].partitions == 4  # replies_topic_partitions=0
+    assert infos[settings.topics.control].partitions == 1
+    for edge in settings.topics.edge_topics():
+        assert f"{edge}.DLT" not in infos
 
 
 async def test_objects_stored_and_read_back_on_real_minio(

@@ -154,25 +154,43 @@ async def test_openai_sdk_gets_correct_completions_from_the_demo_model(gateway: 
     assert correct >= 9, gateway.log()
 
 
-async def test_openai_sdk_streaming_gets_the_answer_as_one_chunk(gateway: Gateway) -> None:
+async def test_openai_sdk_streams_the_demo_model_in_several_chunks(gateway: Gateway) -> None:
+    """Compute's deltas relayed as they come: several content chunks, the first well before the
+    last, joining to the non-streaming answer's content (greedy decoding: the same text)."""
     (ex,) = task.held_out(1, seed=7)
 
-    def stream() -> list[Any]:
+    def stream() -> list[tuple[float, Any]]:
         with gateway.sdk() as sdk:
-            return list(
-                sdk.chat.completions.create(
-                    model="cpu-int8",
-                    messages=[{"role": "user", "content": ex.question}],
-                    max_tokens=24,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
+            events = sdk.chat.completions.create(
+                model="cpu-int8",
+                messages=[{"role": "user", "content": ex.question}],
+                max_tokens=24,
+                stream=True,
+                stream_options={"include_usage": True},
             )
+            return [(time.monotonic(), chunk) for chunk in events]
 
-    chunks = await asyncio.to_thread(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert task.check(ex.question, text), text
-    assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, "stop"]
+    def whole() -> str:
+        with gateway.sdk() as sdk:
+            completion = sdk.chat.completions.create(
+                model="cpu-int8",
+                messages=[{"role": "user", "content": ex.question}],
+                max_tokens=24,
+            )
+            return completion.choices[0].message.content or ""
+
+    timed = await asyncio.to_thread(stream)
+    chunks = [chunk for _, chunk in timed]
+    content = [(t, c.choices[0].delta.content) for t, c in timed if c.choices]
+    texts = [(t, text) for t, text in content if text]
+    assert len(texts) > 1, "the answer came as one chunk: compute sent no deltas"
+    assert texts[-1][0] > texts[0][0], "every chunk arrived at once"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    joined = "".join(text for _, text in texts)
+    assert joined == await asyncio.to_thread(whole)
+    assert task.check(ex.question, joined), joined
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop" and set(finishes[:-1]) == {None}
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
 
 

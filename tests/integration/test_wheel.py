@@ -96,7 +96,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     (wheel,) = (root / "dist").glob("sluice_llm-*.whl")
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    _pip("--python", str(venv / "bin" / "python"), "install", "-q", str(wheel))
+    # with the CPU engine, as `pip install sluice-llm[cpu]` does
+    _pip("--python", str(venv / "bin" / "python"), "install", "-q", f"{wheel}[cpu]")
     purelib = subprocess.run(
         [
             str(venv / "bin" / "python"),

@@ -17,7 +17,18 @@ def test_every_topic_has_its_dead_letter_twin() -> None:
         "acme.generated.DLT",
         "acme.answers",
         "acme.answers.DLT",
+        "acme.replies",
+        "acme.control",
     ]
+    assert topics.edge_topics() == ["acme.replies", "acme.control"]
+
+
+def test_reply_partitions_take_a_number_or_a_list_and_nothing_else() -> None:
+    assert Settings(reply_partitions="3").reply_partitions == "3"
+    assert Settings(reply_partitions=" 3, 4 ").reply_partitions == " 3, 4 "
+    for bad in ("a", "3;4", "-1", "3,"):
+        with pytest.raises(ValidationError):
+            Settings(reply_partitions=bad)
 
 
 def test_settings_come_from_sluice_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,3 +42,12 @@ def test_delta_and_cancel_on_the_wire() -> None:
     assert decode(DeltaMessage, encode(delta)) == delta
     cancel = CancelMessage(id="r1")
     assert decode(CancelMessage, encode(cancel)).reason == "cancelled"
+
+
+def test_an_answer_is_copied_to_its_reply_address_with_its_own_headers() -> None:
+    from schemas.streaming import reply_copy
+
+    headers = [("ce_type", b"sluice.answer"), ReplyTo("p.replies", 4).header()]
+    assert reply_copy(headers, b"{}") == ("p.replies", 4, headers, b"{}")
+    assert reply_copy([("ce_type", b"sluice.answer")], b"{}") is None
+    assert reply_copy([(SLUICE_REPLY_TO, b"garbage")], b"{}") is None

@@ -59,7 +59,7 @@ class ShufflingClient(SluiceClient):
         self.batches: list[int] = []
         self.max_waiting = 0
 
-    async def _publish(self, batch: Sequence[Prepared]) -> None:
+    async def _publish(self, batch: Sequence[Prepared], deadline: float) -> None:
         loop = asyncio.get_running_loop()
         self.batches.append(len(batch))
         for p in batch:
@@ -116,6 +116,19 @@ async def test_infer_refuses_duplicate_request_ids_before_publishing() -> None:
     with pytest.raises(ValueError, match="unique"):
         await client.infer([{"id": "same", "messages": []}, {"id": "same", "messages": []}])
     assert client.batches == []
+
+
+async def test_prompts_preprocess_would_refuse_are_answered_400_without_publishing() -> None:
+    client = ShufflingClient()
+    tools = {"messages": [{"role": "user", "content": "q0"}], "tools": [{"type": "function"}]}
+    replies = await client.infer([tools, "q1", {"messages": []}], batch_size=8)
+    assert [r.status for r in replies] == [400, 200, 400]
+    assert isinstance(replies[0].answer, ErrorAnswer)
+    assert replies[0].answer.error.param == "tools"
+    assert replies[2].answer.error.param == "messages"  # type: ignore[union-attr]
+    assert client.batches == [1]  # only the valid prompt went out
+    refused = await client.request(tools)
+    assert refused.status == 400 and client.batches == [1]
 
 
 async def test_request_waits_for_its_own_answer() -> None:

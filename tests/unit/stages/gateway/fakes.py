@@ -10,9 +10,11 @@ import httpx
 import orjson
 from fastapi import FastAPI
 
-from pipeline.client import Prepared, Prompt, Reply, SluiceClient
+from pipeline.client import Prepared, Prompt, Reply, ReplyStream, SluiceClient
+from pipeline.client.routing import Event
 from pipeline.config import Settings
 from schemas.messages import ChatCompletion, ErrorAnswer, Usage
+from schemas.streaming import DeltaMessage
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -27,6 +29,8 @@ class FakeClient(SluiceClient):
         self.answer = answer
         self.bodies: list[dict[str, Any]] = []
         self.up = True
+        self.split: Callable[[str], list[str]] | None = None  # deltas of a streamed answer
+        self.cancelled: list[tuple[str, str]] = []
 
     async def start(self) -> None:
         return None
@@ -41,6 +45,29 @@ class FakeClient(SluiceClient):
     def healthy(self) -> tuple[bool, str]:
         return self.up, "fake"
 
+    def readiness(self) -> tuple[bool, str]:
+        return self.up, "fake" if self.up else "Kafka unreachable: fake"
+
+    def stream(
+        self,
+        prompt: Prompt | Prepared,
+        *,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> ReplyStream:
+        assert isinstance(prompt, Prepared)
+        body = orjson.loads(prompt.value)
+        self.bodies.append(body)
+        reply = self.answer(body)
+        events: list[Event] = []
+        if self.split is not None and isinstance(reply.answer, ChatCompletion):
+            parts = self.split(reply.answer.content)
+            events = [
+                DeltaMessage(id=reply.request_id, index=i, delta=text)
+                for i, text in enumerate(parts)
+            ]
+        return FakeStream(self, prompt, [*events, reply])
+
     async def request(
         self,
         prompt: Prompt | Prepared,
@@ -53,6 +80,28 @@ class FakeClient(SluiceClient):
         self.bodies.append(body)
         self.published += 1
         return self.answer(body)
+
+
+class FakeStream(ReplyStream):
+    """Its events, one by one; closing it early records a cancel on the fake client."""
+
+    def __init__(self, client: FakeClient, prepared: Prepared, events: list[Event]) -> None:
+        super().__init__(client, prepared, deadline=float("inf"))
+        self.fake = client
+        self.pending = events
+
+    async def open(self) -> None:
+        return None
+
+    async def next_event(self) -> Event:
+        event = self.pending.pop(0) if self.reply is None else self.reply
+        if isinstance(event, Reply):
+            self.reply = event
+        return event
+
+    def close(self, reason: str = "client left") -> None:
+        if self.reply is None:
+            self.fake.cancelled.append((self.request_id, reason))
 
 
 def echo(body: dict[str, Any]) -> Reply:

@@ -65,4 +65,13 @@ async def test_probes_say_whether_the_client_is_up(http: httpx.AsyncClient) -> N
     assert (await http.get("/healthz")).json() == {"ok": True, "detail": "fake"}
     ready = await http.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ok": True, "detail": "producer and reply consumer started"}
+    assert ready.json() == {"ok": True, "detail": "fake"}
+
+
+async def test_readyz_goes_red_while_kafka_is_unreachable(make_http: MakeHttp) -> None:
+    http, fake, _ = make_http()
+    fake.up = False
+    async with http:
+        ready = await http.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"ok": False, "detail": "Kafka unreachable: fake"}
