@@ -282,6 +282,13 @@ class Settings(BaseSettings):
         description="Unfinished records at which a stage pauses every partition it reads; it "
         "resumes at half. This bounds what a stage holds in memory.",
     )
+    max_in_flight_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="Bytes of unfinished records' values at which a stage pauses every "
+        "partition it reads (like `max_in_flight`, resumed at half), so a flood of large "
+        "records cannot hold gigabytes. One poll may overshoot it by at most a fetch.",
+    )
     handler_retries: int = Field(
         default=2,
         ge=0,
@@ -315,11 +322,18 @@ class Settings(BaseSettings):
         description="On SIGTERM, how long in-flight work may take to finish; what is left is "
         "cancelled, uncommitted, and redone by the partition's next owner.",
     )
+    revoke_deadline_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="On a rebalance, how long a stage may take to finish the in-flight work "
+        "of partitions it loses before it gives them up; what is left is cancelled, "
+        "uncommitted, and redone by the new owner. Keep it well under `max.poll.interval.ms`.",
+    )
     stall_after_s: float = Field(
         default=60.0,
         gt=0,
         description="`/healthz` fails when the fetch loop has not polled, or in-flight work has "
-        "not finished, for this long.",
+        "made no progress (no record finished, and the handler reported none), for this long.",
     )
     max_prompt_bytes: int = Field(
         default=256 * 1024,

@@ -13,7 +13,7 @@ from pipeline.config import Settings
 from pipeline.errors import InvalidInput, StageFault
 from pipeline.observability.metrics import LATENCY_BUCKETS
 from pipeline.runtime.batch import Batch, Output, Record, Result
-from pipeline.runtime.stage import StageSpec, output_for
+from pipeline.runtime.stage import StageSpec, carried, isolate, output_for
 from schemas.errors import SchemaError
 from schemas.headers import SLUICE_DEGRADED, SLUICE_TIMINGS, TRACEPARENT, header_value, make_headers
 from schemas.messages import ChatCompletion, GeneratedMessage, decode, encode
@@ -45,7 +45,7 @@ class Postprocess:
         return [self.end_to_end]
 
     def handle(self, batch: Batch) -> list[Result]:
-        return [self._one(record) for record in batch]
+        return isolate(batch, self._one, stage=STAGE)
 
     def _one(self, record: Record) -> Result:
         t0 = time.perf_counter()
@@ -102,6 +102,7 @@ class Postprocess:
                 STAGE,
                 msg.id,
                 traceparent=header_value(record.headers, TRACEPARENT),
+                extra=carried(record.headers),
             )
             headers.append((SLUICE_DEGRADED, b"true"))
             out.append(Output(o.topic, msg.conversation_id.encode(), orjson.dumps(body), headers))

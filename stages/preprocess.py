@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pipeline.config import Settings
 from pipeline.errors import InvalidInput
 from pipeline.runtime.batch import Batch, Output, Record, Result
-from pipeline.runtime.stage import StageSpec, output_for, rebind_ids
+from pipeline.runtime.stage import StageSpec, isolate, output_for, rebind_ids
 from schemas.errors import SchemaError
 from schemas.headers import check_cloudevent
 from schemas.messages import (
@@ -42,7 +42,7 @@ class Preprocess:
         self.out_topic = topics.tokenized
 
     def handle(self, batch: Batch) -> list[Result]:
-        return [self._one(record) for record in batch]
+        return isolate(batch, self._one, stage=STAGE)
 
     def _one(self, record: Record) -> Result:
         t0 = time.perf_counter()

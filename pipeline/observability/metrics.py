@@ -70,6 +70,12 @@ class StageMetrics:
         self.error_answers = Counter(
             "sluice_error_answers_total", "Error answers sent.", ["stage", "reason"], registry=r
         )
+        self.expired = Counter(
+            "sluice_expired_total",
+            "Records not worked on because their sluice-deadline had passed.",
+            ["stage"],
+            registry=r,
+        )
         self.retries = Counter(
             "sluice_handler_retries_total", "Retries of retriable failures.", ["stage"], registry=r
         )

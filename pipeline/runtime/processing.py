@@ -1,5 +1,5 @@
-"""The stage loop's per-record decision, without Kafka: breaker → handler → retries → outputs or
-dead letter.
+"""The stage loop's per-record decision, without Kafka: deadline → breaker → handler → retries →
+outputs or dead letter.
 
 ``RecordProcessor.process(batch)`` turns the records of one unit of work into one ``Decision``
 per record, in order: the outputs to produce for it, which are either the handler's outputs
@@ -9,16 +9,24 @@ it: polling, producing the decisions' outputs, offsets, commits, rebalances and 
 
 The steps are separate methods so each can be called (and tested) on its own:
 
+- ``expire``: a record whose ``sluice-deadline`` has passed is not worked on: it becomes an
+  ``Expired`` result (dead letter ``expired`` and an error answer), counted in
+  ``sluice_expired_total``, and the handler never sees it.
 - ``attempt``: results for every record; with the breaker closed the whole batch goes to the
-  handler, otherwise record by record: the probe (if the breaker admits one) is handled, the
-  rest answered from the response cache or refused as ``circuit-open``.
+  handler (once ``Admission`` lets the attempt start: see ``admission.py``), otherwise record
+  by record: the probe (if the breaker admits one) is handled, the rest answered from the
+  response cache or refused as ``circuit-open``.
 - ``handle_with_retries``: one handler call, then retriable failures retried with exponential
   backoff; a fatal error raises.
-- ``call``: one handler call (a plain function runs in a worker thread); an exception becomes
-  the same error on every record of the call; a wrong number of results is a stage fault.
-- ``account``: one finished result fed to the breaker and the response cache.
+- ``call``: one handler call (a plain function runs in a worker thread). When a call of several
+  records raises (or returns the wrong number of results), the records are handled again one
+  by one, so only the record that fails gets the error and the breaker sees one fault, not
+  one per neighbour.
+- ``account``: one finished result fed to the breaker, the admission gate and the response
+  cache.
 - ``decide`` / ``dead_letter``: a result as outputs; a failure as the original record on
-  ``<topic>.DLT`` with the Spring header set and an OpenAI error answer.
+  ``<topic>.DLT`` (``dead_letters.dead_letter``: the Spring header set, a null value stays
+  null) and an OpenAI error answer.
 """
 
 from __future__ import annotations
@@ -30,19 +38,20 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from pipeline.config import Topics
-from pipeline.errors import CircuitOpen, SluiceError, StageFault, as_sluice_error
+from pipeline.errors import CircuitOpen, Expired, SluiceError, StageFault, as_sluice_error
 from pipeline.observability.metrics import StageMetrics
+from pipeline.runtime.admission import Admission
 from pipeline.runtime.batch import Batch, Output, Record, Result
 from pipeline.runtime.breaker import BreakerState, CircuitBreaker, ResponseCache
+from pipeline.runtime.dead_letters import dead_letter
 from pipeline.runtime.stage import Handler, output_for
-from schemas.dlt import make_dlt_headers
 from schemas.headers import SLUICE_DEGRADED, header_bytes, header_value
-from schemas.streaming import SLUICE_REPLY_TO, reply_copy
+from schemas.streaming import SLUICE_REPLY_TO, expired, now_ms, parse_deadline, reply_copy
 
 log = logging.getLogger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
+ClockMs = Callable[[], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +99,7 @@ class RecordProcessor:
         metrics: StageMetrics,
         retry: RetryPolicy,
         sleep: Sleep = asyncio.sleep,
+        clock_ms: ClockMs = now_ms,
     ) -> None:
         self.handler = handler
         self.spec = handler.spec
@@ -100,20 +110,46 @@ class RecordProcessor:
         self.metrics = metrics
         self.retry = retry
         self._sleep = sleep
+        self._clock_ms = clock_ms
         self._is_async = inspect.iscoroutinefunction(handler.handle)
+        self.admission = Admission(breaker)
+        self._expired = metrics.expired.labels(self.stage)
 
     async def process(self, batch: Batch) -> list[Decision]:
         """One decision per record of ``batch``, in order; raises only a fatal error."""
-        return [self.decide(result) for result in await self.attempt(batch)]
+        at = self._clock_ms()
+        late = {i: self.expire(r, at) for i, r in enumerate(batch) if expired(r.headers, at)}
+        if not late:
+            return [self.decide(result) for result in await self.attempt(batch)]
+        live = Batch.of([r for i, r in enumerate(batch) if i not in late])
+        handled = iter(await self.attempt(live) if len(live) else [])
+        results = [late[i] if i in late else next(handled) for i in range(len(batch))]
+        return [self.decide(result) for result in results]
+
+    def expire(self, record: Record, at_ms: int) -> Result:
+        """A record whose deadline passed before this stage got to it: not worked on."""
+        self._expired.inc()
+        deadline = parse_deadline(record.headers) or at_ms
+        return Result(
+            record,
+            error=Expired(
+                f"the request's deadline passed {max(0, at_ms - deadline)} ms before the "
+                f"{self.stage} stage reached it; it was not processed and can be re-driven "
+                "with sluice replay dlq --reason expired"
+            ),
+        )
 
     # ---- breaker → handler -----------------------------------------------------------------
 
     async def attempt(self, batch: Batch) -> list[Result]:
         """Results for every record: handled, served from cache, or refused by the breaker."""
-        if self.breaker.state == BreakerState.CLOSED:
-            results = await self.handle_with_retries(batch)
-            for result in results:
-                self.account(result)
+        if self.breaker.state == BreakerState.CLOSED and await self.admission.enter():
+            try:
+                results = await self.handle_with_retries(batch)
+                for result in results:
+                    self.account(result)
+            finally:
+                self.admission.leave()
             return results
         results = []
         for record in batch:
@@ -129,10 +165,12 @@ class RecordProcessor:
         """Feed one finished result to the breaker and the response cache."""
         if result.error is None:
             self.breaker.success()
+            self.admission.observe(ok=True)
             if result.fingerprint is not None:
                 self.cache.put(result.fingerprint, result.outputs)
         elif result.error.fault:
             self.breaker.fault()
+            self.admission.observe(ok=False)
         else:
             self.breaker.release_probe()
 
@@ -169,7 +207,22 @@ class RecordProcessor:
         return results
 
     async def call(self, batch: Batch) -> list[Result]:
-        """One handler call: one result per record, an exception becoming every record's error."""
+        """One result per record: one handler call, or, when a call of several records raises
+        or miscounts, one call per record (an exception becomes that record's error)."""
+        results = await self.call_once(batch)
+        if results is not None:
+            return results
+        log.warning(
+            "stage %s: a call of %d records from %s failed; handling them one by one",
+            self.stage,
+            len(batch),
+            batch.records[0].where,
+        )
+        return [r for record in batch for r in await self.call(Batch.of([record]))]
+
+    async def call_once(self, batch: Batch) -> list[Result] | None:
+        """One handler call; None when a call of several records failed as a whole (the caller
+        isolates), else one result per record, a failure becoming every record's error."""
         t0 = time.perf_counter()
         try:
             if self._is_async:
@@ -182,18 +235,23 @@ class RecordProcessor:
             error = as_sluice_error(exc)
             if error.fatal:
                 raise error from exc
+            if len(batch) > 1:
+                return None
+            record = batch.records[0]
             log.exception(
-                "stage %s: handler raised on %d records from %s",
+                "stage %s: handler raised on %s request %s",
                 self.stage,
-                len(batch),
-                batch.records[0].where,
+                record.where,
+                record.request_id(),
             )
-            return [Result(r, error=error) for r in batch]
+            return [Result(record, error=error)]
         finally:
             self.metrics.processing.labels(self.stage).observe(time.perf_counter() - t0)
             self.metrics.batch_size.labels(self.stage).observe(len(batch))
         results: list[Result] = list(out)
         if len(results) != len(batch):
+            if len(batch) > 1:
+                return None
             error = StageFault(f"handler returned {len(results)} results for {len(batch)} records")
             return [Result(r, error=error) for r in batch]
         return results
@@ -212,7 +270,8 @@ class RecordProcessor:
         )
 
     def dead_letter(self, record: Record, error: SluiceError) -> list[Output]:
-        """A dead letter with the original bytes and the Spring header set, and an error answer."""
+        """A dead letter with the original bytes (a null value stays null) and the Spring header
+        set, and an error answer."""
         request_id = record.request_id()
         log.warning(
             "stage %s: %s request %s dead-lettered: %s (%s)",
@@ -222,22 +281,7 @@ class RecordProcessor:
             error.reason,
             error.message,
         )
-        dead = Output(
-            topic=Topics.dlt(record.topic),
-            key=record.key,
-            value=record.value or b"",
-            headers=make_dlt_headers(
-                record.headers,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                timestamp_ms=record.timestamp_ms,
-                group=self.group_id,
-                reason=error.reason,
-                exc=error,
-                message=error.message,
-            ),
-        )
+        dead = dead_letter(record, group=self.group_id, error=error)
         answer = output_for(
             record,
             self.spec.answers_topic,

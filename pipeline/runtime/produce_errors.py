@@ -120,7 +120,7 @@ async def send_outputs(
             continue
         try:
             future = await producer.send(
-                out.topic, out.wire_value, key=out.key, headers=out.headers
+                out.topic, out.wire_value, key=out.key, headers=out.headers, partition=out.partition
             )
         except _SEND_ERRORS as exc:  # record level is returned, the rest is fatal
             refused.append(_refusal(i, out, exc, stage))

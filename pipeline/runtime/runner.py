@@ -1,13 +1,22 @@
 """The one stage loop every Sluice service runs: the Kafka side of a stage.
 
-Consume micro-batches (``getmany``), hand each unit of work to ``RecordProcessor``
-(``pipeline/runtime/processing.py``: breaker → handler → retries → outputs or dead letter, one
-``Decision`` per record, no Kafka inside), produce every output with ``acks=all`` on the
-idempotent producer, and commit an input offset only once all of its outputs are acknowledged.
-Work may finish out of order; ``OffsetTracker`` commits per partition up to the highest
-contiguous finished offset. The consumer keeps polling while handlers run (partitions are
-paused, not the loop), so ``max_poll_interval_ms`` never trips. Rebalances and graceful
-shutdown live here too.
+Consume micro-batches (``Fetcher``: ``getmany``, and a way past undecodable records), hand each
+unit of work to ``RecordProcessor`` (``pipeline/runtime/processing.py``: deadline → breaker →
+handler → retries → outputs or dead letter, one ``Decision`` per record, no Kafka inside),
+produce every output with ``acks=all`` on the idempotent producer (``Delivery``: a record Kafka
+refuses becomes that record's dead letter, a lost producer is fatal), and commit an input offset
+only once all of its outputs are acknowledged. Work may finish out of order; ``OffsetTracker``
+commits per partition up to the highest contiguous finished offset. The consumer keeps polling
+while handlers run (partitions are paused, not the loop), so ``max_poll_interval_ms`` never
+trips. Rebalances (in-flight work of lost partitions finished within ``revoke_deadline_s``),
+graceful shutdown (within ``shutdown_deadline_s``) and the fatal path (a crash report, then
+stop) live here too.
+
+A handler may expose ``max_in_flight: int | None`` (read after warm-up: the most records it
+can usefully hold, e.g. compute's 2x its engine's batch; the loop's bound becomes the smaller of
+that and the setting, so the rest stays in Kafka as lag for other workers) and
+``last_progress() -> float`` (``time.monotonic()`` of its last progress, e.g. a generated
+token, so long generations do not fail ``/healthz``).
 """
 
 from __future__ import annotations
@@ -15,41 +24,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from pipeline.admin import missing_topics
 from pipeline.config import Settings, Topics
 from pipeline.errors import FatalError
+from pipeline.observability import crash
 from pipeline.observability.gpu import GpuCollector
 from pipeline.observability.http import HealthServer
 from pipeline.observability.metrics import StageMetrics
 from pipeline.observability.process import ProcessMemoryCollector
 from pipeline.runtime.backpressure import Change, InFlightBound
-from pipeline.runtime.batch import Batch, Record
+from pipeline.runtime.batch import Batch
 from pipeline.runtime.breaker import BreakerState, CircuitBreaker, ResponseCache
+from pipeline.runtime.clients import stage_consumer, stage_producer
+from pipeline.runtime.delivery import Delivery, max_record_bytes
+from pipeline.runtime.fetching import Fetcher
+from pipeline.runtime.inflight import InFlight, Work
 from pipeline.runtime.offsets import OffsetTracker
-from pipeline.runtime.processing import Decision, RecordProcessor, RetryPolicy, outputs_of
+from pipeline.runtime.processing import RecordProcessor, RetryPolicy
+from pipeline.runtime.rebalance import Rebalance, finish_or_hand_back, within
 from pipeline.runtime.stage import Handler
+from pipeline.runtime.units import Units
 
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.2
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, runner: StageRunner) -> None:
-        self._runner = runner
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._runner._on_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._runner._on_assigned(assigned)
+# Of the shutdown deadline, what is kept for committing, leaving the group and closing.
+SHUTDOWN_RESERVE_S = 2.0
 
 
 class StageRunner:
@@ -64,7 +70,6 @@ class StageRunner:
         self.metrics = StageMetrics(self.stage)
         self.metrics.registry.register(ProcessMemoryCollector())
         self.metrics.registry.register(GpuCollector())
-        self._latency = self.metrics.latency.labels(self.stage)  # hot path: bound once
         self._in_flight = self.metrics.in_flight.labels(self.stage)
         for collector in getattr(handler, "collectors", list)():
             self.metrics.registry.register(collector)
@@ -90,13 +95,14 @@ class StageRunner:
         )
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._tasks: dict[asyncio.Task[None], TopicPartition] = {}
+        self.inflight = InFlight()
+        self._fetcher: Fetcher | None = None
+        self._units_or_none: Units | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._txn_lock = asyncio.Lock()
         self._commit_lock = asyncio.Lock()
-        self.backpressure = InFlightBound(settings.max_in_flight)
+        self.backpressure = InFlightBound(settings.max_in_flight, settings.max_in_flight_bytes)
         self._warm = False
         self._assigned: set[TopicPartition] = set()
         self._last_poll = time.monotonic()
@@ -119,38 +125,39 @@ class StageRunner:
                 f"stage {self.stage}: topics missing: {', '.join(missing)} "
                 "(create them with: sluice topics create)"
             )
+        max_request = await max_record_bytes(self.settings, needed[1:])  # what it writes
         self.cache.load()
         await self.http.start()
         t0 = time.monotonic()
         await self.handler.warmup()
         self._warm = True
         log.info("stage %s warmed up in %.2fs", self.stage, time.monotonic() - t0)
-        common = self.settings.kafka_common()
-        producer_kwargs: dict[str, Any] = {
-            "acks": "all",
-            "enable_idempotence": True,
-            "linger_ms": 2,
-            "max_batch_size": 1 << 20,
-        }
-        if self.settings.exactly_once:
-            # Stable per process slot: a restart fences the previous incarnation (see config).
-            producer_kwargs["transactional_id"] = f"{self.group_id}-{self.settings.instance_id}"
-            producer_kwargs["transaction_timeout_ms"] = self.settings.transaction_timeout_ms
-        self._producer = AIOKafkaProducer(**common, **producer_kwargs)
+        self._bound_by_handler()
+        crash.add_inflight(self.inflight.describe)
+        self._producer = stage_producer(self.settings, self.group_id, max_request=max_request)
         await self._producer.start()
-        self._consumer = AIOKafkaConsumer(
-            **common,
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed" if self.settings.exactly_once else "read_uncommitted",
-            max_poll_records=self.settings.batch_max_records,
-            fetch_max_wait_ms=max(1, self.settings.batch_max_wait_ms),
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=3_000,
+        delivery = Delivery(
+            self._producer,
+            stage=self.stage,
+            max_request_size=max_request,
+            dead_letter=self.processor.dead_letter,
+            metrics=self.metrics,
         )
+        self._units_or_none = Units(
+            processor=self.processor,
+            delivery=delivery,
+            producer=self._producer,
+            tracker=self.tracker,
+            metrics=self.metrics,
+            exactly_once=self.settings.exactly_once,
+            finished=self._finished,
+        )
+        self._consumer = stage_consumer(self.settings, self.group_id)
         await self._consumer.start()
-        self._consumer.subscribe([self.spec.input_topic], listener=_Rebalance(self))
+        self._fetcher = Fetcher(self._consumer)
+        self._consumer.subscribe(
+            [self.spec.input_topic], listener=Rebalance(self._on_revoked, self._on_assigned)
+        )
         self._loops = [
             asyncio.create_task(self._fetch_loop(), name=f"{self.stage}_fetch_loop"),
             asyncio.create_task(self._commit_loop(), name=f"{self.stage}_commit_loop"),
@@ -158,6 +165,13 @@ class StageRunner:
         for task in self._loops:
             task.add_done_callback(self._task_done)
         self.metrics.ready.labels(self.stage).set(0)
+
+    def _bound_by_handler(self) -> None:
+        """The in-flight bound: the setting, or the handler's ``max_in_flight`` if smaller."""
+        capacity = getattr(self.handler, "max_in_flight", None)
+        if isinstance(capacity, int) and 0 < capacity < self.backpressure.max_records:
+            self.backpressure.max_records = capacity
+            log.info("stage %s: at most %d records in flight (the handler's)", self.stage, capacity)
 
     async def run(self) -> None:
         """Start, serve until ``request_stop`` (or a fatal error), then shut down."""
@@ -176,40 +190,50 @@ class StageRunner:
         """Stop fetching, finish in-flight work within the deadline, commit, leave the group."""
         if self._stopped.is_set():
             return
+        deadline = self.settings.shutdown_deadline_s
+        ends = time.monotonic() + deadline
         self._stopping.set()
         fetch = [t for t in self._loops if t.get_name().endswith("_fetch_loop")]
         await asyncio.gather(*fetch, return_exceptions=True)
-        if self._tasks:
+        if self.inflight:
+            reserve = min(SHUTDOWN_RESERVE_S, deadline / 5)
             log.info(
                 "stage %s: finishing %d in-flight tasks (deadline %.0fs)",
                 self.stage,
-                len(self._tasks),
-                self.settings.shutdown_deadline_s,
+                len(self.inflight),
+                deadline,
             )
-            _, pending = await asyncio.wait(
-                list(self._tasks), timeout=self.settings.shutdown_deadline_s
-            )
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            left = max(0.0, ends - reserve - time.monotonic())
+            _, handed_back = await finish_or_hand_back(list(self.inflight.tasks), left)
+            if handed_back:
+                log.warning(
+                    "stage %s: handed back %d unfinished tasks (uncommitted; redone by the "
+                    "partitions' next owner)",
+                    self.stage,
+                    handed_back,
+                )
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        await self._leave(ends)
+        self.cache.save()
+        await within(self.handler.close(), ends, "closing the handler")
+        await self.http.stop()
+        self._stopped.set()
+        log.info("stage %s stopped", self.stage)
+
+    async def _leave(self, ends: float) -> None:
+        """Commit what is finished, leave the group, stop the producer: before ``ends``."""
         if self._consumer is not None:
-            await self._commit()
+            await within(self._commit(), ends, "the final commit")
             log.info(
                 "stage %s: committed %s; leaving the group",
                 self.stage,
                 {f"{tp.topic}[{tp.partition}]": o for tp, o in self.tracker.positions().items()},
             )
-            await self._consumer.stop()  # leaves the group
+            await within(self._consumer.stop(), ends, "leaving the group")
         if self._producer is not None:
-            await self._producer.stop()
-        self.cache.save()
-        await self.handler.close()
-        await self.http.stop()
-        self._stopped.set()
-        log.info("stage %s stopped", self.stage)
+            await within(self._producer.stop(), ends, "stopping the producer")
 
     # ---- health ----------------------------------------------------------------------------
 
@@ -220,9 +244,16 @@ class StageRunner:
             return False, f"fatal: {self.fatal}"
         if self._loops and now - self._last_poll > stall:
             return False, f"the fetch loop has not polled for {now - self._last_poll:.0f}s"
-        if self.tracker.in_flight and now - self._last_finish > stall:
-            return False, f"no work finished for {now - self._last_finish:.0f}s"
+        if self.tracker.in_flight and now - self._last_progress() > stall:
+            return False, f"no work finished for {now - self._last_progress():.0f}s"
         return True, "ok"
+
+    def _last_progress(self) -> float:
+        """When work last progressed: a record finished, or the handler reported progress."""
+        reported = getattr(self.handler, "last_progress", None)
+        if callable(reported):
+            return max(self._last_finish, float(reported()))
+        return self._last_finish
 
     def ready(self) -> tuple[bool, str]:
         if not self._warm:
@@ -236,46 +267,74 @@ class StageRunner:
     # ---- the loops -------------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
+        fetcher = self._fetcher
+        assert fetcher is not None
         max_records = self.settings.batch_max_records
         wait_ms = self.settings.batch_max_wait_ms
         while not self._stopping.is_set():
             room = self._apply_backpressure()
-            data = await consumer.getmany(timeout_ms=wait_ms, max_records=min(max_records, room))
+            fetched = await fetcher.fetch(timeout_ms=wait_ms, max_records=min(max_records, room))
             self._last_poll = time.monotonic()
             self.metrics.progress.labels(self.stage).set(time.time())
-            for tp, messages in data.items():
+            for tp in fetched.partitions():
                 if tp not in self._assigned:
-                    continue
-                records = [Record.of(m, m.timestamp) for m in messages]
-                epoch = self.tracker.add_many(tp, [r.offset for r in records])
-                self.metrics.consumed.labels(self.stage, tp.topic).inc(len(records))
+                    continue  # revoked meanwhile: the next owner reads them
+                epoch = self.tracker.add_many(tp, fetched.offsets(tp))
+                records = fetched.records.get(tp, [])
+                undecodable = fetched.undecodable.get(tp, [])
+                self.metrics.consumed.labels(self.stage, tp.topic).inc(
+                    len(records) + len(undecodable)
+                )
                 units = (
                     [Batch.of([r]) for r in records]
                     if self.spec.unit == "record"
-                    else [Batch.of(records)]
+                    else [Batch.of(records)] * bool(records)
                 )
                 for batch in units:
-                    task = asyncio.create_task(self._process(batch, tp, epoch))
-                    self._tasks[task] = tp
-                    task.add_done_callback(self._task_done)
+                    work = Work(tp, batch.records, epoch, batch.size_bytes)
+                    self._spawn(self._units.process(batch, tp, epoch), work)
+                if undecodable:
+                    upto = fetched.offsets(tp)[-1] + 1
+                    dead = self._units.dead_letter_undecodable(undecodable, tp, epoch, upto=upto)
+                    self._spawn(dead, Work(tp, (), epoch, 0))
             self._in_flight.set(self.tracker.in_flight)
 
+    @property
+    def _units(self) -> Units:
+        assert self._units_or_none is not None, "start() makes the producer first"
+        return self._units_or_none
+
+    def _finished(self) -> None:
+        self._last_finish = time.monotonic()
+        self._in_flight.set(self.tracker.in_flight)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], what: Work) -> None:
+        task = asyncio.create_task(work)
+        self.inflight.add(task, what)
+        task.add_done_callback(self._task_done)
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(task, None)
+        self.inflight.done(task)
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None and self.fatal is None:
-            self.fatal = exc
-            log.error("stage %s: fatal error, stopping: %s", self.stage, exc, exc_info=exc)
-            self._stopping.set()
+        if exc is not None:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The fatal path: write a crash report (with the records in flight), then stop."""
+        if self.fatal is not None:
+            return
+        self.fatal = exc
+        log.error("stage %s: fatal error, stopping: %s", self.stage, exc, exc_info=exc)
+        crash.report(None, exc)
+        self._stopping.set()
 
     async def _commit_loop(self) -> None:
         while True:
             await asyncio.sleep(COMMIT_INTERVAL_S)
             await self._commit()
+            self.cache.save_if_due()
 
     async def _commit(self, only: set[TopicPartition] | None = None) -> None:
         consumer = self._consumer
@@ -306,15 +365,17 @@ class StageRunner:
         consumer = self._consumer
         assert consumer is not None
         in_flight = self.tracker.in_flight
-        change = self.backpressure.update(in_flight)
+        change = self.backpressure.update(in_flight, self.inflight.bytes)
         if change is Change.PAUSE:
             consumer.pause(*self._assigned)
             self.metrics.paused.labels(self.stage).set(len(self._assigned))
             log.info(
-                "stage %s: %d in flight >= %d, pausing %d partitions",
+                "stage %s: %d records / %d bytes in flight (bounds %d / %s), pausing %d partitions",
                 self.stage,
                 in_flight,
+                self.inflight.bytes,
                 self.backpressure.max_records,
+                self.backpressure.max_bytes,
                 len(self._assigned),
             )
         elif change is Change.RESUME:
@@ -325,20 +386,27 @@ class StageRunner:
     # ---- rebalances ------------------------------------------------------------------------
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._commit(only=revoked)
-        stale = [t for t, tp in self._tasks.items() if tp in revoked]
-        for task in stale:
-            task.cancel()
-        await asyncio.gather(*stale, return_exceptions=True)
+        """Finish the lost partitions' work within ``revoke_deadline_s``, commit it, and hand
+        back (cancel, uncommitted) what is left; only then let the partitions go."""
+        self._assigned -= revoked  # from now on, records fetched for them are not taken
+        work = self.inflight.of(revoked)
+        pending = [t for t in work if not t.done()]
+        if pending and self.settings.revoke_deadline_s > 0:
+            await asyncio.wait(pending, timeout=self.settings.revoke_deadline_s)
+        await self._commit(only=revoked)  # what finished, before anything is handed back
+        finished, handed_back = await finish_or_hand_back(work, 0)
         for tp in revoked:
             self.tracker.revoke(tp)
-        self._assigned -= revoked
+        if self._fetcher is not None:
+            self._fetcher.forget(revoked)
         if revoked:
             log.info(
-                "stage %s: revoked %s (dropped %d in-flight tasks; the new owner redoes them)",
+                "stage %s: revoked %s (finished %d in-flight tasks, handed back %d: the new "
+                "owner redoes those)",
                 self.stage,
                 sorted(str(tp) for tp in revoked),
-                len(stale),
+                finished,
+                handed_back,
             )
         self._update_ready()
 
@@ -358,54 +426,6 @@ class StageRunner:
 
     def _update_ready(self) -> None:
         self.metrics.ready.labels(self.stage).set(1 if self.ready()[0] else 0)
-
-    # ---- one unit of work ------------------------------------------------------------------
-
-    async def _process(self, batch: Batch, tp: TopicPartition, epoch: int) -> None:
-        if self.settings.exactly_once:
-            async with self._txn_lock:
-                await self._process_transactional(batch, tp, epoch)
-            return
-        decisions = await self.processor.process(batch)
-        await self._produce(decisions)
-        now = time.time()
-        latency = self._latency
-        for record in batch:
-            self.tracker.finish(tp, record.offset, epoch)
-            latency.observe(max(0.0, now - record.timestamp_ms / 1000))
-        self._last_finish = time.monotonic()
-        self._in_flight.set(self.tracker.in_flight)
-
-    async def _process_transactional(self, batch: Batch, tp: TopicPartition, epoch: int) -> None:
-        producer = self._producer
-        assert producer is not None
-        decisions = await self.processor.process(batch)
-        async with producer.transaction():
-            await self._produce(decisions)
-            last = batch.records[-1].offset
-            await producer.send_offsets_to_transaction({tp: last + 1}, self.group_id)
-        for record in batch:
-            self.tracker.finish(tp, record.offset, epoch)
-        self._last_finish = time.monotonic()
-
-    async def _produce(self, decisions: Sequence[Decision]) -> None:
-        """Produce every decision's outputs and wait until all are acknowledged."""
-        producer = self._producer
-        assert producer is not None
-        outputs = outputs_of(decisions)
-        try:
-            futures = [
-                await producer.send(
-                    o.topic, o.value, key=o.key, headers=o.headers, partition=o.partition
-                )
-                for o in outputs
-            ]
-            await asyncio.gather(*futures)
-        except KafkaError as exc:
-            raise FatalError(f"stage {self.stage}: producing outputs failed: {exc!r}") from exc
-        per_topic = Counter(o.topic for o in outputs)
-        for topic, n in per_topic.items():
-            self.metrics.produced.labels(self.stage, topic).inc(n)
 
 
 async def run_stage(settings: Settings, handler: Handler) -> None:

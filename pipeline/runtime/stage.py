@@ -8,22 +8,33 @@ worker thread, so tokenizing a big batch does not block the event loop) or a cor
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import orjson
 
+from pipeline.errors import as_sluice_error
 from pipeline.runtime.batch import Batch, Output, Record, Result
 from schemas.headers import (
+    SLUICE_ATTEMPT,
     SLUICE_DEGRADED,
+    SLUICE_REQUEST_ID,
     TRACEPARENT,
     Headers,
+    HeadersIn,
     header_value,
     make_headers,
+    parse_attempt,
 )
 from schemas.messages import Message, encode
-from schemas.streaming import SLUICE_DEADLINE, SLUICE_REPLY_TO
+from schemas.streaming import SLUICE_DEADLINE, SLUICE_REPLY_TO, parse_deadline, parse_reply_to
+
+log = logging.getLogger(__name__)
+
+# Kafka's longest topic name: a longer reply-to cannot name a topic and is not carried on.
+_MAX_TOPIC = 249
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,44 @@ class Handler(Protocol):
     async def close(self) -> None: ...
 
 
+def carried(headers: HeadersIn) -> dict[str, str]:
+    """The request headers every output of a record carries on: ``sluice-deadline``,
+    ``sluice-reply-to`` and ``sluice-attempt``, each re-written from its parsed value (so a
+    malformed or oversized one from a hostile producer is dropped, not copied)."""
+    out: dict[str, str] = {}
+    deadline = parse_deadline(headers)
+    if deadline is not None:
+        out[SLUICE_DEADLINE] = str(deadline)
+    reply = parse_reply_to(headers)
+    if reply is not None and len(reply.topic) <= _MAX_TOPIC:
+        out[SLUICE_REPLY_TO] = f"{reply.topic}:{reply.partition}"
+    if header_value(headers, SLUICE_ATTEMPT) is not None:
+        out[SLUICE_ATTEMPT] = str(parse_attempt(headers))
+    return out
+
+
+def isolate(batch: Batch, one: Callable[[Record], Result], *, stage: str) -> list[Result]:
+    """``one`` applied to each record of ``batch``; an exception becomes that record's error
+    (a fatal one propagates), so one bad record never fails its neighbours."""
+    results: list[Result] = []
+    for record in batch:
+        try:
+            results.append(one(record))
+        except Exception as exc:  # that record's failure: dead-lettered by the loop, counted
+            error = as_sluice_error(exc)
+            if error.fatal:
+                raise
+            log.exception(
+                "stage %s: %s request %s failed: %s",
+                stage,
+                record.where,
+                header_value(record.headers, SLUICE_REQUEST_ID),
+                error.reason,
+            )
+            results.append(Result(record, error=error))
+    return results
+
+
 def output_for(
     record: Record,
     topic: str,
@@ -71,18 +120,14 @@ def output_for(
     key: bytes | None,
     extra: dict[str, str] | None = None,
 ) -> Output:
-    """A message produced because of ``record``: CloudEvents headers, the trace continued."""
-    carried = {
-        name: value
-        for name in (SLUICE_DEADLINE, SLUICE_REPLY_TO)
-        if (value := header_value(record.headers, name)) is not None
-    }
+    """A message produced because of ``record``: CloudEvents headers, the trace continued, the
+    request's deadline, reply address and attempt carried on (see ``carried``)."""
     headers = make_headers(
         message.ce_type,
         stage,
         request_id,
         traceparent=header_value(record.headers, TRACEPARENT),
-        extra={**carried, **(extra or {})},
+        extra={**carried(record.headers), **(extra or {})},
     )
     return Output(topic=topic, key=key, value=encode(message), headers=headers)
 
@@ -105,7 +150,11 @@ def rebind_ids(
             body["conversation_id"] = conversation_id
         ce_type = header_value(o.headers, "ce_type") or "sluice.unknown"
         headers: Headers = make_headers(
-            ce_type, stage, request_id, traceparent=header_value(record.headers, TRACEPARENT)
+            ce_type,
+            stage,
+            request_id,
+            traceparent=header_value(record.headers, TRACEPARENT),
+            extra=carried(record.headers),
         )
         headers.append((SLUICE_DEGRADED, b"true"))
         out.append(Output(topic=o.topic, key=key, value=orjson.dumps(body), headers=headers))

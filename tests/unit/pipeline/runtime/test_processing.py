@@ -339,9 +339,19 @@ async def test_a_raising_handler_fails_the_records_of_that_call_only(local: Loca
     error = decisions[1].error
     assert isinstance(error, StageFault) and error.reason == "handler-exception"
     assert isinstance(error.__cause__, RuntimeError)
-    # The same exception in a partition batch fails every record of that call.
-    together = await processor.process(local.batch([b"ok-0", b"boom"]))
-    assert [d.dead_lettered for d in together] == [True, True]
+
+
+async def test_a_batch_call_that_raises_is_handled_one_by_one(local: Local) -> None:
+    handler = Scripted(local.spec)
+    processor = local.processor(handler)
+    decisions = await processor.process(local.batch([b"ok-0", b"boom", b"ok-2"]))
+    assert [d.dead_lettered for d in decisions] == [False, True, False]
+    assert handler.calls == [[b"ok-0", b"boom", b"ok-2"], [b"ok-0"], [b"boom"], [b"ok-2"]]
+    assert [o.value for o in decisions[0].outputs] == [b"done:ok-0"]
+    # One bad record is one fault for the breaker, not one per neighbour.
+    assert local.breaker.consecutive_faults == 0  # ok-2 succeeded after it
+    await processor.process(local.batch([b"boom"]))
+    assert local.breaker.consecutive_faults == 1
 
 
 async def test_a_handler_raising_a_fatal_error_stops_the_stage(local: Local) -> None:
