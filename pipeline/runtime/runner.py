@@ -218,6 +218,9 @@ class StageRunner:
         stall = self.settings.stall_after_s
         if self.fatal is not None:
             return False, f"fatal: {self.fatal}"
+        handler_ok, why = getattr(self.handler, "healthy", _alive)()  # e.g. compute's engine
+        if not handler_ok:
+            return False, why
         if self._loops and now - self._last_poll > stall:
             return False, f"the fetch loop has not polled for {now - self._last_poll:.0f}s"
         if self.tracker.in_flight and now - self._last_finish > stall:
@@ -403,6 +406,10 @@ class StageRunner:
         per_topic = Counter(o.topic for o in outputs)
         for topic, n in per_topic.items():
             self.metrics.produced.labels(self.stage, topic).inc(n)
+
+
+def _alive() -> tuple[bool, str]:
+    return True, "ok"
 
 
 async def run_stage(settings: Settings, handler: Handler) -> None:
