@@ -118,14 +118,16 @@ class EchoEngine:
             await asyncio.gather(work, death, return_exceptions=True)
             self._inflight.pop(request.request_id, None)
 
-    def _die(self, error: FatalError, **extra: object) -> None:
+    def _die(self, error: FatalError, **extra: object) -> FatalError:
         """Dead: a crash report with the requests in flight, then every one fails with
-        ``error`` (``generate`` races each against ``_died``)."""
+        ``error`` (``generate`` races each against ``_died``); the error in effect (the first,
+        when it died already)."""
         if self.fatal is not None:
-            return
+            return self.fatal
         self.fatal = error
         crash.report(None, error, **extra)
         self._died.set()
+        return error
 
     async def _generate(self, request: GenerationRequest, made: list[int]) -> Generation:
         t0 = time.perf_counter()
@@ -181,8 +183,7 @@ class EchoEngine:
                 f"echo engine: out of memory after holding {held >> 20} MiB", reason="engine-oom"
             )
             error.__cause__ = exc
-            self._die(error, held_bytes=held)
-            raise error from exc
+            raise self._die(error, held_bytes=held) from exc
 
     async def _stall(self) -> None:
         """Wait while the stall file exists; past ``stall_s`` the engine is declared stalled."""
@@ -196,8 +197,7 @@ class EchoEngine:
                     f"with {len(self._inflight)} requests in flight",
                     reason="engine-stall",
                 )
-                self._die(error)
-                raise error
+                raise self._die(error)
             await asyncio.sleep(min(0.1, self.stall_s / 10))
 
     async def close(self) -> None:
