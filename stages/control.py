@@ -76,9 +76,9 @@ class CancelListener:
         """Read every partition of the control topic from its end; False while it is missing."""
         consumer = self._consumer
         assert consumer is not None
-        if self.topic not in await consumer.topics():  # fresh metadata from the broker
-            return False
-        partitions = consumer.partitions_for_topic(self.topic)
+        # A consumer without a subscription caches no metadata for the topic: ask the broker.
+        cluster = await consumer._client.fetch_all_metadata()
+        partitions = cluster.partitions_for_topic(self.topic)
         if not partitions:
             return False
         tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
@@ -93,8 +93,9 @@ class CancelListener:
     async def _control_loop(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        while not self.assigned.is_set():
+        if not self.assigned.is_set():
             log.warning("compute: no control topic %s yet; cancels are not read", self.topic)
+        while not self.assigned.is_set():
             await asyncio.sleep(RETRY_S)
             try:
                 await self._assign()
