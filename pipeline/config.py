@@ -402,9 +402,9 @@ class Settings(BaseSettings):
     engine_stall_s: float = Field(
         default=30.0,
         gt=0,
-        description="Requests in flight and no token for this long is an engine stall: they "
-        "fail as `engine-stall`, and the engine is marked broken, so every later request fails "
-        "as `engine-broken` and the breaker opens. Restart such a process.",
+        description="Requests in flight and no token for this long is an engine stall: a "
+        "crash report is written, they fail with a fatal `engine-stall` error and the compute "
+        "process exits non-zero, to be restarted by `sluice scale` or Kubernetes.",
     )
     engine_mode: Literal["auto", "engine", "generator"] = Field(
         default="auto",
@@ -412,8 +412,24 @@ class Settings(BaseSettings):
         "attention, static og.Generator batches otherwise; `engine` or `generator` forces "
         "one path.",
     )
+    delta_interval_ms: float = Field(
+        default=30.0,
+        gt=0,
+        description="Token streaming: compute sends a request's text deltas (to its "
+        "`sluice-reply-to` partition) at most once per this interval, or per delta_tokens new "
+        "tokens, whichever comes first.",
+    )
+    delta_tokens: int = Field(
+        default=16, ge=1, description="Token streaming: new tokens that make a delta due."
+    )
     echo_delay_ms: float = Field(
         default=0.0, ge=0, description="Delay the echo engine adds to every generation."
+    )
+    echo_token_delay_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="The echo engine makes its tokens one at a time, this long apart "
+        "(streaming, cancellation and deadlines mid-generation can then be watched).",
     )
     echo_fault_file: Path | None = Field(
         default=None,

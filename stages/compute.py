@@ -2,6 +2,21 @@
 
 Each record is its own unit of work (``unit="record"``), so requests finish in any order and
 their offsets are committed as they finish; the loop's in-flight bound is the admission bound.
+
+Around the engine call:
+
+- admission: a ``top_k`` above the vocabulary is invalid input (``param`` ``top_k``); a request
+  whose ``sluice-deadline`` has passed is not generated (``Expired``: an ``expired`` error
+  answer and a dead letter the loop writes, for ``sluice replay dlq --reason expired``);
+- while generating, a request is aborted (its engine slot freed) when its deadline passes
+  (``Expired`` again) or when a cancel for it arrives on the control topic
+  (``stages/control.py``): then its answer is a ``cancelled`` error answer and there is no dead
+  letter, since the asker gave up. A cancel that races the final token gives one answer, the
+  one that came first;
+- a request with a ``sluice-reply-to`` header streams text deltas to that partition
+  (``stages/deltas.py``); the last carries ``finish_reason`` and ``usage``;
+- an engine that dies or stalls fails its requests with one ``FatalError``: the loop stops the
+  stage, ``healthy()`` is red, and the process exits to be restarted.
 """
 
 from __future__ import annotations
@@ -10,26 +25,59 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from pipeline.config import Settings
-from pipeline.errors import InvalidInput, as_sluice_error
+from pipeline.errors import Cancelled, Expired, InvalidInput, SluiceError, as_sluice_error
 from pipeline.runtime.batch import Batch, Output, Record, Result
 from pipeline.runtime.stage import StageSpec, output_for, rebind_ids
 from schemas.errors import SchemaError
 from schemas.messages import GeneratedMessage, TokenizedMessage, Usage, decode
-from stages.engines.base import Engine, GenerationRequest
+from schemas.streaming import now_ms, parse_deadline, parse_reply_to
+from stages.control import CancelListener
+from stages.deltas import DeltaPublisher, DeltaStream
+from stages.engines.base import Engine, Generation, GenerationRequest
 from stages.engines.providers import check_providers
-from stages.text import fingerprint
+from stages.text import TextModel, fingerprint
 
 STAGE = "compute"
 log = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
+class _Held:
+    """A request being generated here: its engine call, and why it was stopped, if it was."""
+
+    task: asyncio.Future[Generation]
+    why: SluiceError | None = None
+    timer: asyncio.TimerHandle | None = None
+
+    def stop(self, why: SluiceError) -> bool:
+        """Abort the generation (its slot is freed) to answer ``why``; False once it ended."""
+        if self.task.done() or self.why is not None:
+            return False
+        self.why = why
+        self.task.cancel()
+        return True
+
+
 class Compute:
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    """The compute handler. ``text``: the model's tokenizer (streaming and the ``top_k`` check
+    need it). ``deltas``: where deltas go (none: no streaming). ``cancels``: read the control
+    topic (``sluice run`` turns both on; unit tests pass their own)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        text: TextModel | None = None,
+        *,
+        deltas: DeltaPublisher | None = None,
+        cancels: bool = False,
+    ) -> None:
         topics = settings.topics
         self.spec = StageSpec(
             STAGE,
@@ -48,6 +96,17 @@ class Compute:
             "not finished yet (running or waiting for a slot).",
             registry=None,
         )
+        self.text = text
+        self.deltas = deltas
+        self.control = CancelListener(settings, self.cancel) if cancels else None
+        self._held: dict[str, list[_Held]] = {}
+        self.stopped = Counter(
+            "sluice_compute_aborted_total",
+            "Generations aborted mid-way, by why: `cancelled` (a cancel on the control topic), "
+            "`expired` (the deadline passed while it generated).",
+            ["reason"],
+            registry=None,
+        )
 
     async def handle(self, batch: Batch) -> list[Result]:
         return list(await asyncio.gather(*(self._one(r) for r in batch)))
@@ -57,15 +116,37 @@ class Compute:
             msg = decode(TokenizedMessage, record.value)
         except SchemaError as exc:
             return Result(record, error=InvalidInput.from_schema(exc))
+        deadline = parse_deadline(record.headers)
+        try:
+            self._admit(msg, deadline)
+        except SluiceError as exc:
+            return Result(record, error=exc)
+        stream = self._stream(record, msg)
+        request = GenerationRequest(
+            msg.id,
+            msg.input_ids,
+            msg.sampling,
+            deadline_ms=deadline,
+            on_tokens=stream.tokens if stream is not None else None,
+        )
         started = time.time()
         tokens = len(msg.input_ids) + (msg.sampling.max_tokens or 0)
         self.pending_tokens.inc(tokens)
         try:
-            gen = await self.engine.generate(GenerationRequest(msg.id, msg.input_ids, msg.sampling))
+            gen = await self._generate(request)
+        except Cancelled as exc:  # an error answer, no dead letter: the asker gave up
+            answer = output_for(
+                record, self.spec.answers_topic, exc.answer(), stage=STAGE, request_id=msg.id,
+                key=record.key,
+            )  # fmt: skip
+            return Result(record, outputs=[answer])
         except Exception as exc:  # noqa: BLE001 - per-record failure: flags decide retry/DLT
             return Result(record, error=as_sluice_error(exc))
         finally:
             self.pending_tokens.dec(tokens)
+        usage = Usage.of(len(msg.input_ids), len(gen.output_ids))
+        if stream is not None:
+            stream.finish(gen.output_ids, gen.finish_reason, usage)
         waited = max(0.0, started - (msg.timings.preprocessed_at or started))
         timings = msg.timings.model_copy(
             update={
@@ -82,7 +163,7 @@ class Compute:
             prompt_tokens=len(msg.input_ids),
             output_ids=gen.output_ids,
             finish_reason=gen.finish_reason,
-            usage=Usage.of(len(msg.input_ids), len(gen.output_ids)),
+            usage=usage,
             sampling=msg.sampling,
             created=msg.created,
             timings=timings,
@@ -96,6 +177,70 @@ class Compute:
             key=msg.conversation_id.encode(),
         )
         return Result(record, outputs=[output], fingerprint=_fingerprint(msg))
+
+    def _admit(self, msg: TokenizedMessage, deadline: int | None) -> None:
+        """Refuse what must not reach the engine: a ``top_k`` above the vocabulary, a request
+        already past its deadline."""
+        if self.text is not None:
+            self.text.check_top_k(msg.sampling.top_k)
+        if deadline is not None and now_ms() >= deadline:
+            raise Expired(f"request {msg.id} passed its deadline before generation")
+
+    def _stream(self, record: Record, msg: TokenizedMessage) -> DeltaStream | None:
+        """A delta stream for a request that names a reply partition (when streaming is on)."""
+        reply = parse_reply_to(record.headers)
+        if reply is None or self.deltas is None or self.text is None:
+            return None
+        return DeltaStream(
+            self.deltas,
+            self.text,
+            request_id=msg.id,
+            reply=reply,
+            key=msg.conversation_id.encode(),
+            stops=msg.sampling.stop,
+            trace=record.headers,
+        )
+
+    async def _generate(self, request: GenerationRequest) -> Generation:
+        """The engine's answer, unless a cancel or the deadline stops it first (raised as
+        ``Cancelled`` / ``Expired``); the request is held (``cancel`` finds it) meanwhile."""
+        held = _Held(asyncio.ensure_future(self.engine.generate(request)))
+        holders = self._held.setdefault(request.request_id, [])
+        holders.append(held)
+        if request.deadline_ms is not None:
+            late = Expired(f"request {request.request_id} passed its deadline while generating")
+            delay = max(0.0, (request.deadline_ms - now_ms()) / 1000)
+            held.timer = asyncio.get_running_loop().call_later(delay, self._abort, held, late)
+        try:
+            return await held.task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if held.why is not None and (current is None or not current.cancelling()):
+                raise held.why from None  # stopped by a cancel or the deadline, not our caller
+            raise
+        finally:
+            if held.timer is not None:
+                held.timer.cancel()
+            holders.remove(held)
+            if not holders:
+                del self._held[request.request_id]
+
+    def _abort(self, held: _Held, why: SluiceError) -> bool:
+        if not held.stop(why):
+            return False
+        self.stopped.labels(why.reason).inc()
+        return True
+
+    def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
+        """Abort the request ``request_id`` if it is generated here (its answer: ``cancelled``);
+        False, doing nothing, when it is not (unknown, or already answered)."""
+        why = Cancelled(f"request {request_id} was cancelled ({reason})")
+        return any([self._abort(held, why) for held in self._held.get(request_id, [])])
+
+    def healthy(self) -> tuple[bool, str]:
+        """The engine's health: red once it is dead or stalled (the process must restart)."""
+        health = getattr(self.engine, "health", None)
+        return health() if health is not None else (True, "ok")
 
     def fingerprint(self, record: Record) -> str | None:
         try:
@@ -117,14 +262,25 @@ class Compute:
     def collectors(self) -> list[Any]:
         """Pending tokens, and the engine's own metrics (running, waiting, tokens, TTFT, queue)."""
         collectors: list[Any] = getattr(self.engine, "collectors", list)()
-        return [self.pending_tokens, *collectors]
+        for side in (self.deltas, self.control):
+            if side is not None:
+                collectors.extend(side.collectors())
+        return [self.pending_tokens, self.stopped, *collectors]
 
     async def warmup(self) -> None:
         if self.engine.name == "onnx":  # which provider, or a clear error before loading
             log.info("compute engine: %s", check_providers(self.model_path).describe())
         await self.engine.start()
+        if self.deltas is not None:
+            await self.deltas.start()
+        if self.control is not None:
+            await self.control.start()
 
     async def close(self) -> None:
+        if self.control is not None:
+            await self.control.close()
+        if self.deltas is not None:
+            await self.deltas.close()
         await self.engine.close()
 
 

@@ -21,9 +21,11 @@ def build_handler(name: str, settings: Settings) -> Handler:
         return Postprocess(settings, text)
     if name == "compute":
         from stages.compute import Compute
-        from stages.engines.base import Engine
+        from stages.deltas import DeltaPublisher
+        from stages.engines.base import Engine, StreamPolicy
 
         engine: Engine
+        stream = StreamPolicy(settings.delta_interval_ms / 1000, settings.delta_tokens)
         if settings.engine == "echo":
             from stages.engines.echo import EchoEngine
 
@@ -35,6 +37,8 @@ def build_handler(name: str, settings: Settings) -> Handler:
                 oom_chunk=settings.echo_oom_chunk_mb << 20,
                 stall_file=settings.echo_stall_file,
                 stall_s=settings.engine_stall_s,
+                token_delay_s=settings.echo_token_delay_ms / 1000,
+                stream=stream,
             )
         else:
             from stages.engines.onnx import OnnxEngine
@@ -46,6 +50,7 @@ def build_handler(name: str, settings: Settings) -> Handler:
                 threads=settings.engine_threads,
                 stall_s=settings.engine_stall_s,
                 mode=settings.engine_mode,
+                stream=stream,
             )
-        return Compute(settings, engine)
+        return Compute(settings, engine, text, deltas=DeltaPublisher(settings), cancels=True)
     raise ValueError(f"unknown stage {name!r}; one of {', '.join(STAGES)}")

@@ -192,6 +192,7 @@ class TextModel:
     eos_token_ids: tuple[int, ...]
     special_ids: frozenset[int]
     tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ... by name
+    model_vocab: int | None = None  # genai_config's vocab_size (the logits), where known
     _template: jinja2.Template = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -218,15 +219,34 @@ class TextModel:
         template = _read_template(folder, cfg)
         context = int(cfg.get("model_max_length") or 2048)
         genai = folder / "genai_config.json"
+        model_vocab = None
         if genai.exists():
-            context = int(_read_json(genai)["model"].get("context_length", context))
+            model = _read_json(genai)["model"]
+            context = int(model.get("context_length", context))
+            model_vocab = int(model["vocab_size"]) if model.get("vocab_size") else None
         eos_name = tokens.get("eos_token")
         eos_id = tokenizer.token_to_id(eos_name) if eos_name is not None else None
         eos = (eos_id,) if eos_id is not None else ()
         specials = frozenset(
             int(k) for k, v in cfg.get("added_tokens_decoder", {}).items() if v.get("special")
         )
-        return cls(folder.name, tokenizer, template, context, eos, specials, tokens)
+        return cls(folder.name, tokenizer, template, context, eos, specials, tokens, model_vocab)
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary: genai_config's ``vocab_size`` (what the engine samples
+        from), else the tokenizer's, added tokens included."""
+        return self.model_vocab or int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def check_top_k(self, top_k: int | None) -> None:
+        """Refuse a ``top_k`` above the vocabulary (the engine would fail on it) as invalid
+        input naming the parameter; preprocess and compute call it before any work."""
+        if top_k is not None and top_k > self.vocab_size:
+            raise InvalidInput(
+                f"top_k must be at most the model's vocabulary size {self.vocab_size}; got {top_k}",
+                reason="schema",
+                param="top_k",
+            )
 
     def render(
         self,

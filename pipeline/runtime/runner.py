@@ -242,6 +242,9 @@ class StageRunner:
         stall = self.settings.stall_after_s
         if self.fatal is not None:
             return False, f"fatal: {self.fatal}"
+        handler_ok, why = getattr(self.handler, "healthy", _alive)()  # e.g. compute's engine
+        if not handler_ok:
+            return False, why
         if self._loops and now - self._last_poll > stall:
             return False, f"the fetch loop has not polled for {now - self._last_poll:.0f}s"
         if self.tracker.in_flight and now - self._last_progress() > stall:
@@ -426,6 +429,10 @@ class StageRunner:
 
     def _update_ready(self) -> None:
         self.metrics.ready.labels(self.stage).set(1 if self.ready()[0] else 0)
+
+
+def _alive() -> tuple[bool, str]:
+    return True, "ok"
 
 
 async def run_stage(settings: Settings, handler: Handler) -> None:

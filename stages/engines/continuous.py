@@ -4,6 +4,9 @@ Each step admits waiting requests up to the engine's batch capacity and the toke
 than the capacity would stall og.Engine), runs one ``engine.run`` and reads its events: a token,
 a finished turn, a failed one. Stop strings go to og.Engine where it takes them (a model built
 with paged attention); otherwise the scheduler decodes the new tokens and watches the text.
+
+A request og refuses at admission is bad input (it fails alone); an allocation that fails there
+or in a step raises out of ``step()``: the engine is dead (``onnx.py`` reports it).
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InvalidInput, StageFault, TransientError
-from stages.engines.scheduler import Job, LoadedModel, Outcome, Step
+from stages.engines.scheduler import (
+    Job,
+    LoadedModel,
+    Outcome,
+    Step,
+    check_top_k,
+    out_of_memory,
+)
 
 
 @dataclass(eq=False, slots=True)
@@ -97,6 +107,10 @@ class ContinuousScheduler:
             job = waiting.pop(0)
             if job.abandoned():
                 continue
+            refused = check_top_k(job, self.loaded.vocab)
+            if refused is not None:
+                finished.append((job, refused))
+                continue
             request = None
             try:
                 request = self.engine.create_request()
@@ -105,6 +119,8 @@ class ContinuousScheduler:
                 ids = np.asarray(job.request.input_ids, dtype=np.int32)
                 turn_id = request.begin_turn(ids, options)
             except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+                if out_of_memory(exc):
+                    raise  # no memory for its KV cache: the engine is dead, not the request bad
                 # the request's options are refused (bad input, not a fault); the engine goes on
                 if request is not None:
                     request.close()

@@ -1,18 +1,22 @@
 """The echo engine: a deterministic stand-in for a model, with a configurable delay.
 
 It "generates" the last user turn's tokens back (cut at ``max_tokens``), so end-to-end tests
-can check every answer exactly. Fault hooks, each driven by a file that tests (and operators
-rehearsing) create and remove:
+can check every answer exactly. ``delay_s`` delays each generation; ``token_delay_s`` makes it
+produce its tokens one at a time, that long apart, telling a streaming request's listener as
+``StreamPolicy`` allows (as the ONNX engine does). Fault hooks, each driven by a file that tests
+(and operators rehearsing) create and remove:
 
 - ``fault_file``: every generation fails as a stage fault (provokes the circuit breaker);
 - ``oom_file``: every generation allocates ``oom_chunk`` more bytes and keeps them, until the
   process runs out of memory (a ``MemoryError`` under an RLIMIT, the kernel's OOM killer under a
   cgroup limit). A ``MemoryError`` is an engine death: a crash report, then a fatal error;
 - ``stall_file``: generations make no progress; one that waits ``stall_s`` is a stall, reported
-  like the ONNX engine's watchdog does: a crash report with the in-flight requests, then a
-  fatal error, so the process exits and is restarted.
+  like the ONNX engine's watchdog does: a crash report with the in-flight requests, then every
+  request in flight, and every later one, fails with that one fatal error, so the process exits
+  and is restarted.
 
-``inflight()`` lists the requests being generated, as crash-report features (never text).
+``inflight()`` lists the requests being generated, as crash-report features (never text);
+``health()`` is red once the engine is dead.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 
 from pipeline.errors import FatalError, StageFault
 from pipeline.observability import crash
-from stages.engines.base import Generation, GenerationRequest
+from stages.engines.base import Generation, GenerationRequest, StreamPolicy
 from stages.text import TextModel
 
 _LAST_USER = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.DOTALL)
@@ -44,6 +48,8 @@ class EchoEngine:
         oom_chunk: int = 64 << 20,
         stall_file: Path | None = None,
         stall_s: float = 30.0,
+        token_delay_s: float = 0.0,
+        stream: StreamPolicy | None = None,
     ) -> None:
         self.text = text
         self.delay_s = delay_s
@@ -52,9 +58,17 @@ class EchoEngine:
         self.oom_chunk = oom_chunk
         self.stall_file = stall_file
         self.stall_s = stall_s
+        self.token_delay_s = token_delay_s
+        self.stream = stream or StreamPolicy()
         self._ballast: list[bytearray] = []
-        self._broken: FatalError | None = None  # a dead engine: every request fails with it
-        self._inflight: dict[str, tuple[GenerationRequest, float]] = {}
+        self.fatal: FatalError | None = None  # a dead engine: every request fails with it
+        self._died = asyncio.Event()
+        self._inflight: dict[str, tuple[GenerationRequest, float, list[int]]] = {}
+
+    def health(self) -> tuple[bool, str]:
+        if self.fatal is not None:
+            return False, f"echo engine dead: {self.fatal.message}"
+        return True, "ok"
 
     def inflight(self) -> list[dict[str, Any]]:
         """The requests being generated, as crash-report features (ids and counts, no text)."""
@@ -63,12 +77,14 @@ class EchoEngine:
             crash.request_features(
                 rid,
                 prompt_tokens=len(req.input_ids),
-                output_tokens=0,
+                output_tokens=len(made),
                 sampling=req.sampling.model_dump(),
                 state="running",
+                batch=len(self._inflight),
+                deadline_ms=req.deadline_ms,
                 age_s=round(now - t0, 3),
             )
-            for rid, (req, t0) in list(self._inflight.items())
+            for rid, (req, t0, made) in list(self._inflight.items())
         ]
 
     async def start(self) -> None:
@@ -82,16 +98,39 @@ class EchoEngine:
         return [i for i in input_ids if i not in self.text.special_ids]
 
     async def generate(self, request: GenerationRequest) -> Generation:
-        self._inflight[request.request_id] = (request, time.monotonic())
+        """Generate, or fail with the engine's fatal error as soon as it dies (whichever
+        first); cancelling the caller stops it at once."""
+        if self.fatal is not None:
+            raise self.fatal
+        made: list[int] = []
+        self._inflight[request.request_id] = (request, time.monotonic(), made)
+        work = asyncio.ensure_future(self._generate(request, made))
+        death = asyncio.ensure_future(self._died.wait())
         try:
-            return await self._generate(request)
+            await asyncio.wait((work, death), return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            assert self.fatal is not None
+            raise self.fatal
         finally:
+            for task in (work, death):
+                task.cancel()
+            await asyncio.gather(work, death, return_exceptions=True)
             self._inflight.pop(request.request_id, None)
 
-    async def _generate(self, request: GenerationRequest) -> Generation:
+    def _die(self, error: FatalError, **extra: object) -> FatalError:
+        """Dead: a crash report with the requests in flight, then every one fails with
+        ``error`` (``generate`` races each against ``_died``); the error in effect (the first,
+        when it died already)."""
+        if self.fatal is not None:
+            return self.fatal
+        self.fatal = error
+        crash.report(None, error, **extra)
+        self._died.set()
+        return error
+
+    async def _generate(self, request: GenerationRequest, made: list[int]) -> Generation:
         t0 = time.perf_counter()
-        if self._broken is not None:
-            raise self._broken
         if self.fault_file is not None and self.fault_file.exists():
             raise StageFault(
                 "echo engine: fault injected (fault file present)", reason="engine-fault"
@@ -107,8 +146,28 @@ class EchoEngine:
         finish: str = "stop"
         if limit is not None and len(ids) > limit:
             ids, finish = ids[:limit], "length"
+        first = time.perf_counter() - t0
+        if self.token_delay_s:
+            first = await self._emit(ids, made, request)
         elapsed = time.perf_counter() - t0
-        return Generation(ids, "length" if finish == "length" else "stop", elapsed, elapsed)
+        return Generation(ids, "length" if finish == "length" else "stop", first, elapsed)
+
+    async def _emit(self, ids: list[int], made: list[int], request: GenerationRequest) -> float:
+        """Produce ``ids`` one every ``token_delay_s`` into ``made``, telling a streaming
+        request's listener as the stream policy allows; the time to the first token."""
+        t0 = time.perf_counter()
+        first = 0.0
+        told, told_at = 0, float("-inf")
+        for token in ids:
+            await asyncio.sleep(self.token_delay_s)
+            made.append(token)
+            now = time.monotonic()
+            first = first or time.perf_counter() - t0
+            listener = request.on_tokens
+            if listener is not None and self.stream.due(len(made) - told, now - told_at):
+                told, told_at = len(made), now
+                listener(list(made))
+        return first
 
     def _allocate(self) -> None:
         """Grow by one chunk, touching every page so it is resident (counts against the cgroup)."""
@@ -124,17 +183,13 @@ class EchoEngine:
                 f"echo engine: out of memory after holding {held >> 20} MiB", reason="engine-oom"
             )
             error.__cause__ = exc
-            self._broken = error
-            crash.report("out-of-memory", error, held_bytes=held)
-            raise error from exc
+            raise self._die(error, held_bytes=held) from exc
 
     async def _stall(self) -> None:
         """Wait while the stall file exists; past ``stall_s`` the engine is declared stalled."""
         assert self.stall_file is not None
         t0 = time.monotonic()
         while self.stall_file.exists():
-            if self._broken is not None:
-                raise self._broken
             waited = time.monotonic() - t0
             if waited > self.stall_s:
                 error = FatalError(
@@ -142,9 +197,7 @@ class EchoEngine:
                     f"with {len(self._inflight)} requests in flight",
                     reason="engine-stall",
                 )
-                self._broken = error
-                crash.report("engine-stall", error)
-                raise error
+                raise self._die(error)
             await asyncio.sleep(min(0.1, self.stall_s / 10))
 
     async def close(self) -> None:

@@ -10,10 +10,18 @@ step, one prefill. It hands the requests that ended back to the event loop in on
 step that ended any (plus a gauge update a few times a second), never one per step or per token:
 a wake-up of the loop per step costs throughput on a fast GPU.
 
-A watchdog on the event loop treats "requests in flight but no token for ``stall_s``" as a
-stall (an out-of-memory inside a step loops without raising): every waiting request fails as a
-stage fault, the engine is marked broken (health goes red, the breaker opens), and the process
-is meant to be restarted by its supervisor.
+A request with an ``on_tokens`` listener (streaming) is told its tokens so far as its
+``StreamPolicy`` allows, in the same per-step callback, so a stream adds wake-ups of the loop
+only as often as it sends.
+
+A dead engine ends the process. The thread catches every error: one while loading fails
+``start()`` (a ``FatalError``); one out of a step (an og error, an allocation that failed) is an
+engine death. A watchdog on the event loop treats "requests in flight but no token for
+``stall_s``" as a stall (an out-of-memory inside a step may loop without raising). Either way
+``_die`` builds one ``FatalError`` (reason ``engine-death``, ``engine-oom`` or
+``engine-stall``), writes a crash report with the requests in flight, fails every one of them
+with that same error, and fails every later request with it: the stage loop stops on a fatal
+error, ``health()`` is red, and the process exits non-zero to be restarted.
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ from typing import Any, Literal
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline.errors import FatalError, InvalidInput, StageFault
-from stages.engines.base import Generation, GenerationRequest
+from pipeline.errors import FatalError, InvalidInput
+from pipeline.observability import crash
+from stages.engines.base import Generation, GenerationRequest, StreamPolicy
 from stages.engines.continuous import ContinuousScheduler
-from stages.engines.scheduler import Job, Outcome, Scheduler, Step, load_model
+from stages.engines.scheduler import Job, Outcome, Scheduler, Step, load_model, out_of_memory
 from stages.engines.static import StaticScheduler
 
 log = logging.getLogger(__name__)
@@ -71,6 +80,7 @@ class OnnxEngine:
         threads: int = 0,
         stall_s: float = 30.0,
         mode: Literal["auto", "engine", "generator"] = "auto",
+        stream: StreamPolicy | None = None,
     ) -> None:
         self.model_path = model_path
         self.requested_batch = max_batch
@@ -78,8 +88,10 @@ class OnnxEngine:
         self.threads = threads
         self.stall_s = stall_s
         self.mode = mode
+        self.stream = stream or StreamPolicy()
         self.max_batch = 1
-        self.broken: str | None = None
+        self.broken: str | None = None  # why the engine is dead, once it is
+        self.fatal: FatalError | None = None  # ... and the error every request fails with
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,8 +147,10 @@ class OnnxEngine:
         self._thread.start()
         try:
             await ready
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise FatalError(f"cannot load the model in {self.model_path}: {exc}") from exc
+        except Exception as exc:  # any load error (ImportError, KeyError too): no stage
+            raise FatalError(
+                f"cannot load the model in {self.model_path}: {type(exc).__name__}: {exc}"
+            ) from exc
         self._watchdog = asyncio.create_task(self._watchdog_loop(), name="engine_watchdog_loop")
         from schemas.messages import SamplingParams
 
@@ -148,11 +162,35 @@ class OnnxEngine:
             await asyncio.gather(self._watchdog, return_exceptions=True)
         if self._thread is not None:
             self._inbox.put(_STOP)
-            await asyncio.to_thread(self._thread.join, 10)
+            # A stalled thread may never return from its step: do not hold the exit for it.
+            await asyncio.to_thread(self._thread.join, 1 if self.fatal is not None else 10)
+
+    def health(self) -> tuple[bool, str]:
+        if self.broken is not None:
+            return False, f"onnx engine dead: {self.broken}"
+        return True, "ok"
+
+    def inflight(self) -> list[dict[str, Any]]:
+        """The requests submitted and not answered, as crash-report features (no text)."""
+        now = time.monotonic()
+        return [
+            crash.request_features(
+                job.request.request_id,
+                prompt_tokens=len(job.request.input_ids),
+                output_tokens=len(job.tokens),
+                sampling=job.request.sampling.model_dump(),
+                state="running" if job.started else "waiting",
+                batch=self._active,
+                deadline_ms=job.request.deadline_ms,
+                age_s=round(now - job.submitted, 3),
+            )
+            for job in list(self._jobs)
+            if not job.future.done()
+        ]
 
     async def generate(self, request: GenerationRequest) -> Generation:
-        if self.broken is not None:
-            raise StageFault(f"onnx engine is broken: {self.broken}", reason="engine-broken")
+        if self.fatal is not None:
+            raise self.fatal
         if not request.input_ids:
             raise InvalidInput("empty prompt", reason="schema", param="messages")
         assert self._loop is not None, "engine not started"
@@ -174,15 +212,26 @@ class OnnxEngine:
             await asyncio.sleep(min(1.0, self.stall_s / 4))
             pending = [j for j in self._jobs if not j.future.done()]
             idle = time.monotonic() - self._last_progress
-            if pending and idle > self.stall_s and self.broken is None:
-                self.broken = f"no token for {idle:.0f}s with {len(pending)} requests in flight"
-                log.error(
-                    "onnx engine stalled: %s; failing them (restart this process)", self.broken
-                )
-                for job in pending:
-                    job.future.set_exception(
-                        StageFault(f"engine stalled: {self.broken}", reason="engine-stall")
+            if pending and idle > self.stall_s and self.fatal is None:
+                self._die(
+                    FatalError(
+                        f"onnx engine stalled: no token for {idle:.0f}s with {len(pending)} "
+                        "requests in flight",
+                        reason="engine-stall",
                     )
+                )
+
+    def _die(self, error: FatalError) -> None:
+        """The engine is dead: a crash report with the requests in flight, then every one of
+        them, and every later request, fails with ``error`` (on the event loop)."""
+        if self.fatal is not None:
+            return
+        self.fatal, self.broken = error, error.message
+        log.error("%s; failing %d requests (restart this process)", error.message, len(self._jobs))
+        crash.report(None, error)
+        for job in list(self._jobs):
+            if not job.future.done():
+                job.future.set_exception(error)
 
     # ---- the engine thread -----------------------------------------------------------------
 
@@ -192,12 +241,19 @@ class OnnxEngine:
         assert loop is not None
         try:
             scheduler = self._load()
-        except (RuntimeError, OSError, ValueError) as exc:  # start() raises it: no stage
+        except Exception as exc:  # noqa: BLE001 - any load error: start() raises it, no stage
             loop.call_soon_threadsafe(_set_exception, ready, exc)
             return
         loop.call_soon_threadsafe(_set_result, ready, None)
-        self._serve(scheduler)
-        # The one place the thread ends once it serves: _serve returns when close() stops it.
+        try:
+            self._serve(scheduler)
+        except Exception as exc:  # noqa: BLE001 - an error out of a step: the engine is dead
+            reason = "engine-oom" if out_of_memory(exc) else "engine-death"
+            error = FatalError(f"onnx engine died: {type(exc).__name__}: {exc}", reason=reason)
+            error.__cause__ = exc
+            loop.call_soon_threadsafe(self._die, error)
+        # The one place the thread ends once it serves: _serve returns when close() stops it,
+        # or raises when the engine died.
 
     def _load(self) -> Scheduler:
         """Load the model and build the scheduler for it (on this thread: its og objects are
@@ -243,16 +299,33 @@ class OnnxEngine:
                 self._last_progress = now
             self._active = scheduler.running
             self.max_active_seen = max(self.max_active_seen, self._active)
-            if step.finished or (now - reported > REPORT_S and scheduler.has_work):
+            told = self._streams_due(step, now) if step.advanced else []
+            if step.finished or told or (now - reported > REPORT_S and scheduler.has_work):
                 reported = now
-                self._hand_over(step, scheduler)
+                self._hand_over(step, scheduler, told)
 
-    def _hand_over(self, step: Step, scheduler: Scheduler) -> None:
+    def _streams_due(self, step: Step, now: float) -> list[tuple[Job, list[int]]]:
+        """The streaming jobs this step advanced whose listener is due (``StreamPolicy``), each
+        with its tokens so far; marks them told."""
+        due = []
+        policy = self.stream
+        for job in step.advanced:
+            if job.request.on_tokens is None:
+                continue
+            count = len(job.tokens)
+            if policy.due(count - job.told, now - job.told_at):
+                job.told, job.told_at = count, now
+                due.append((job, job.tokens[:count]))
+        return due
+
+    def _hand_over(
+        self, step: Step, scheduler: Scheduler, told: list[tuple[Job, list[int]]]
+    ) -> None:
         """The one place a step's outcomes cross to the event loop (one call per step that
-        ended something, or a gauge update)."""
+        ended something or has tokens to tell a stream, or a gauge update)."""
         assert self._loop is not None
         self._loop.call_soon_threadsafe(
-            self._deliver, step.finished, scheduler.running, scheduler.waiting
+            self._deliver, step.finished, scheduler.running, scheduler.waiting, told
         )
 
     def _settle(self, scheduler: Scheduler) -> bool:
@@ -293,9 +366,20 @@ class OnnxEngine:
         finished: list[tuple[Job, Outcome]],
         running: int,
         waiting: int,
+        told: list[tuple[Job, list[int]]],
     ) -> None:
         self.metrics_running.set(running)
         self.metrics_waiting.set(waiting)
+        for job, tokens in told:  # before the answers: a stream's last tokens come first
+            assert isinstance(job, _Pending) and job.request.on_tokens is not None
+            if job.future.done():
+                continue
+            try:
+                job.request.on_tokens(tokens)
+            except Exception:  # a listener's bug must not lose the step's answers
+                log.exception(
+                    "onnx engine: the token listener of %s failed", job.request.request_id
+                )
         for job, result in finished:
             assert isinstance(job, _Pending)
             if job.future.done():

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pipeline.errors import SluiceError
+from pipeline.errors import InvalidInput, SluiceError
 from stages.engines.base import Generation, GenerationRequest
 
 
@@ -37,6 +37,9 @@ class Job:
     stream: Any = None  # incremental detokenizer, only where stop strings are watched here
     text: str = ""  # ... and the text it has decoded so far
     stopped: bool = False  # a stop string ended it
+    # Streaming, kept by the engine thread: how many tokens its listener was last told of, when.
+    told: int = 0
+    told_at: float = float("-inf")  # never: the first token is told at once
 
     def abandoned(self) -> bool:
         """True once nobody waits for this job's outcome any more (failed or cancelled by its
@@ -73,6 +76,36 @@ class Job:
 
 
 Outcome = Generation | SluiceError
+
+# How onnxruntime (CPU and CUDA allocators) and og word an allocation that failed.
+_OOM_WORDS = (
+    "out of memory",
+    "failed to allocate",
+    "bad_alloc",
+    "cudaerrormemoryallocation",
+    "cuda_error_out_of_memory",
+)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """True when ``exc`` is an allocation that failed: an engine death, never a bad request."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in _OOM_WORDS)
+
+
+def check_top_k(job: Job, vocab: int) -> InvalidInput | None:
+    """og fails a whole step on ``top_k`` above the vocabulary ("top_k must be <= vocab_size"):
+    such a request is refused at admission, naming the parameter."""
+    top_k = job.request.sampling.top_k
+    if top_k is None or top_k <= vocab:
+        return None
+    return InvalidInput(
+        f"top_k must be at most the model's vocabulary size {vocab}; got {top_k}",
+        reason="schema",
+        param="top_k",
+    )
 
 
 @dataclass(eq=False, slots=True)
@@ -138,13 +171,15 @@ class LoadedModel:
     eos: frozenset[int]
     pad: int  # the token static batches pad prompts with
     context: int  # the model's context length
+    vocab: int  # the model's vocabulary (its logits), what og checks top_k against
     dynamic: bool  # built with paged attention: og.Engine batches, and takes stops and seeds
 
 
 def load_model(path: Path, threads: int = 0) -> LoadedModel:
     """Load the model in ``path`` (``threads``: onnxruntime intra-op threads, 0 for its own
     choice). Raises what og raises (RuntimeError, OSError, ValueError) for a folder without a
-    usable model."""
+    usable model (and may raise anything else for a broken installation: the engine thread
+    catches every load error)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(path))
@@ -164,5 +199,6 @@ def load_model(path: Path, threads: int = 0) -> LoadedModel:
         eos=frozenset(eos),
         pad=int(pad[0] if isinstance(pad, list) else pad),
         context=int(genai["model"].get("context_length", 2048)),
+        vocab=int(genai["model"].get("vocab_size") or 2**31 - 1),
         dynamic="dynamic_batching" in genai.get("engine", {}),
     )

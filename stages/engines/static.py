@@ -10,6 +10,9 @@ Up to ``MAX_STATIC_BATCHES`` batches run at once, stepped in turn. A request tha
 batch runs starts at once in a batch of its own, instead of waiting for that batch to end, as
 long as at least half of ``capacity`` rows are free (``capacity`` bounds the rows of all
 batches together).
+
+An allocation that fails (prefill or step) raises out of ``step()``: the engine is dead, and
+``onnx.py`` reports it; any other og error fails the batch's requests as a stage fault.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InvalidInput, StageFault
-from stages.engines.scheduler import Job, LoadedModel, Outcome, Step
+from stages.engines.scheduler import (
+    Job,
+    LoadedModel,
+    Outcome,
+    Step,
+    check_top_k,
+    out_of_memory,
+)
 
 STATIC_BATCH_LIMIT = 32  # og.Generator refuses batch_size > 32 (onnxruntime-genai 0.18)
 MAX_STATIC_BATCHES = 4  # static batches stepped in turn, so late arrivals need not wait
@@ -129,7 +139,11 @@ class StaticScheduler:
         og.Generator masks); None when none of them could start."""
         context = self.loaded.context
         for job in list(jobs):
-            if len(job.request.input_ids) >= context:
+            bad_top_k = check_top_k(job, self.loaded.vocab)
+            if bad_top_k is not None:
+                jobs.remove(job)
+                finished.append((job, bad_top_k))
+            elif len(job.request.input_ids) >= context:
                 jobs.remove(job)
                 refused = InvalidInput(
                     f"prompt of {len(job.request.input_ids)} tokens leaves no room in the "
@@ -154,7 +168,9 @@ class StaticScheduler:
             params = self._params(jobs[0], len(jobs), width + max(limits))
             generator = self.loaded.og.Generator(self.loaded.model, params)
             generator.append_tokens(ids)
-        except RuntimeError as exc:  # a model error (e.g. out of memory): a fault
+        except RuntimeError as exc:  # a model error: a fault (out of memory: a death)
+            if out_of_memory(exc):
+                raise
             finished.extend((job, _generator_fault(exc)) for job in jobs)
             return None
         return _Batch(jobs, limits, generator, list(range(len(jobs))))
@@ -172,6 +188,8 @@ class StaticScheduler:
             batch.generator.generate_next_token()
             tokens = batch.generator.get_next_tokens()
         except RuntimeError as exc:
+            if out_of_memory(exc):
+                raise
             finished.extend((jobs[i], _generator_fault(exc)) for i in batch.live)
             batch.live = []
             return
