@@ -237,6 +237,19 @@ class Compute:
         why = Cancelled(f"request {request_id} was cancelled ({reason})")
         return any([self._abort(held, why) for held in self._held.get(request_id, [])])
 
+    @property
+    def max_in_flight(self) -> int | None:
+        """Records the stage loop may hold for compute: twice what the engine runs at once (one
+        batch running, one ready to admit), so the rest stays in Kafka as lag that other
+        workers and the autoscaler see. None when the engine does not say (echo)."""
+        batch = getattr(self.engine, "max_batch", None)
+        return 2 * batch if isinstance(batch, int) and batch > 0 else None
+
+    def last_progress(self) -> float:
+        """When the engine last made a token (``time.monotonic()``), so a long generation is
+        progress for the loop's liveness check; 0.0 when the engine does not say."""
+        return float(getattr(self.engine, "last_progress", 0.0))
+
     def healthy(self) -> tuple[bool, str]:
         """The engine's health: red once it is dead or stalled (the process must restart)."""
         health = getattr(self.engine, "health", None)

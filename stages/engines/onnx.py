@@ -137,6 +137,11 @@ class OnnxEngine:
 
     # ---- lifecycle (event loop side) -------------------------------------------------------
 
+    @property
+    def last_progress(self) -> float:
+        """``time.monotonic()`` of the last step that made a token (or of going idle)."""
+        return self._last_progress
+
     async def start(self) -> None:
         """Load the model, start the engine thread, run one short generation (warm-up)."""
         self._loop = asyncio.get_running_loop()
