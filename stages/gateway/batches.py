@@ -44,6 +44,10 @@ T = TypeVar("T")
 SOURCE = "gateway"
 CATCH_UP_S = 30.0
 MAX_METADATA = 16
+CONFLICT = {
+    "description": "The batch is already finished",
+    "content": error_responses(400)[400]["content"],
+}
 
 
 class BatchCreate(BaseModel):
@@ -78,8 +82,7 @@ def check_create(body: BatchCreate) -> None:
     meta = body.metadata or {}
     if len(meta) > MAX_METADATA or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()):
         raise bad_request(
-            "Invalid 'metadata': at most 16 pairs, keys up to 64 and values up to 512 "
-            "characters.",
+            "Invalid 'metadata': at most 16 pairs, keys up to 64 and values up to 512 characters.",
             "metadata",
         )
 
@@ -109,7 +112,7 @@ class ViewFollower:
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         deadline = time.monotonic() + CATCH_UP_S
-        while any(await consumer.position(tp) < end for tp, end in ends.items()):
+        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic} took over {CATCH_UP_S:.0f}s")
             self._apply(await consumer.getmany(timeout_ms=200, max_records=2000))
@@ -144,19 +147,26 @@ def batch_router(settings: Settings, auth: Auth) -> APIRouter:
     files = FileStore(open_store(settings))
     view = BatchView()
     follower = ViewFollower(settings, view)
-    producer = AIOKafkaProducer(**settings.kafka_common(), acks="all", enable_idempotence=True)
-    writer = StateWriter(settings, producer, SOURCE)
+    writers: list[StateWriter] = []  # made in the lifespan: a producer needs a running loop
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await ensure_batches_topic(settings)
+        producer = AIOKafkaProducer(**settings.kafka_common(), acks="all", enable_idempotence=True)
         await producer.start()
         try:
             await follower.start()
+            writers.append(StateWriter(settings, producer, SOURCE))
             yield
         finally:
+            writers.clear()
             await follower.stop()
             await producer.stop()
+
+    def writer() -> StateWriter:
+        if not writers:
+            raise unavailable("the gateway is not connected to Kafka")
+        return writers[0]
 
     router = APIRouter(lifespan=lifespan, dependencies=auth.dependencies)
     router.include_router(files_router(settings, auth, files))
@@ -180,7 +190,7 @@ def batch_router(settings: Settings, auth: Auth) -> APIRouter:
             expires_at=now + int(settings.batch_window_s),
             metadata=body.metadata,
         )
-        await _write(writer.put(batch))
+        await _write(writer().put(batch))
         view.put(batch)
         log.info("gateway: batch %s created for file %s", batch.id, batch.input_file_id)
         return batch
@@ -204,8 +214,8 @@ def batch_router(settings: Settings, auth: Auth) -> APIRouter:
         summary="List batches, newest first",
     )
     async def list_batches(
-        after: str | None = Query(default=None),  # noqa: B008
-        limit: int = Query(default=20, ge=1, le=100),  # noqa: B008
+        after: str | None = Query(default=None),
+        limit: int = Query(default=20, ge=1, le=100),
     ) -> BatchList:
         data, more = view.page(after, limit)
         return BatchList(
@@ -218,7 +228,7 @@ def batch_router(settings: Settings, auth: Auth) -> APIRouter:
     @router.post(
         "/v1/batches/{batch_id}/cancel",
         response_model=BatchObject,
-        responses=error_responses(*auth.errors, 404, 409, 503),
+        responses={**error_responses(*auth.errors, 404, 503), 409: CONFLICT},
         summary="Cancel a batch",
     )
     async def cancel(batch_id: str) -> BatchObject:
@@ -233,7 +243,7 @@ def batch_router(settings: Settings, auth: Auth) -> APIRouter:
                 type=INVALID_REQUEST_ERROR,
             )
             raise OpenAIHTTPError(409, answer)
-        view.cancels[batch_id] = await _write(writer.cancel(batch_id))
+        view.cancels[batch_id] = await _write(writer().cancel(batch_id))
         log.info("gateway: batch %s cancel requested", batch_id)
         return view.get(batch_id) or batch
 

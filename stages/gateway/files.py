@@ -98,7 +98,7 @@ def files_router(settings: Settings, auth: Auth, files: FileStore | None = None)
         return meta
 
     @router.get("/v1/files", responses=error_responses(*auth.errors, 503), summary="List files")
-    async def list_files(purpose: str | None = Query(default=None)) -> FileList:  # noqa: B008
+    async def list_files(purpose: str | None = Query(default=None)) -> FileList:
         return FileList(data=await stored(store.list(purpose)))
 
     @router.get(
