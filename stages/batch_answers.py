@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from pipeline.config import Settings
 from schemas.batch import parse_line_request_id
 from schemas.headers import SLUICE_REQUEST_ID, header_value
+from stages.batch_state import topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ class AnswersFollower:
         )
         self.consumer = consumer
         await consumer.start()
-        partitions = await consumer.partitions_for_topic(self.topic) or set()
-        self.tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self.tps = await topic_partitions(self.settings, self.topic)
         consumer.assign(self.tps)
         await consumer.seek_to_end(*self.tps)
         for tp in self.tps:

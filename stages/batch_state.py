@@ -20,12 +20,13 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from pipeline.admin import admin_client, wait_for_leaders
 from pipeline.config import Settings
+from pipeline.errors import FatalError
 from schemas.batch import CE_BATCH, CE_BATCH_CANCEL, BatchCancel, BatchObject
 from schemas.errors import SchemaError
 from schemas.headers import HeadersIn, header_value, make_headers
@@ -50,6 +51,22 @@ def batch_prompts_topic(settings: Settings) -> str:
     if settings.batch_lane == "batch":
         return batch_lane_topics(settings)[0]
     return settings.topics.prompts
+
+
+async def topic_partitions(settings: Settings, topic: str) -> list[TopicPartition]:
+    """Every partition of ``topic``, as the brokers describe it; ``FatalError`` when missing."""
+    admin = admin_client(settings)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    partitions = [
+        p["partition"] for d in described if d["error_code"] == 0 for p in d["partitions"]
+    ]
+    if not partitions:
+        raise FatalError(f"the topic {topic} is missing (create it with: sluice topics create)")
+    return [TopicPartition(topic, p) for p in sorted(partitions)]
 
 
 def partition_for(batch_id: str, partitions: int) -> int:

@@ -50,6 +50,7 @@ from stages.batch_state import (
     batches_topic,
     ensure_batches_topic,
     partition_for,
+    topic_partitions,
 )
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class Batcher:
             heartbeat_interval_ms=3_000,
         )
         await self._consumer.start()
-        self.partitions = len(await self._consumer.partitions_for_topic(self.topic) or ())
+        self.partitions = len(await topic_partitions(self.settings, self.topic))
         self._consumer.subscribe([self.topic], listener=_Rebalance(self))
         self._loops = [
             asyncio.create_task(self._state_loop(), name="batcher_state_loop"),

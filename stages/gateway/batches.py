@@ -32,7 +32,13 @@ from schemas.batch import (
 )
 from schemas.messages import INVALID_REQUEST_ERROR, ErrorAnswer
 from stages.batch_files import FileStore
-from stages.batch_state import BatchView, StateWriter, batches_topic, ensure_batches_topic
+from stages.batch_state import (
+    BatchView,
+    StateWriter,
+    batches_topic,
+    ensure_batches_topic,
+    topic_partitions,
+)
 from stages.gateway.auth import Auth
 from stages.gateway.errors import OpenAIHTTPError, unavailable
 from stages.gateway.files import bad_request, files_router, stored
@@ -106,8 +112,7 @@ class ViewFollower:
         )
         self.consumer = consumer
         await consumer.start()
-        partitions = await consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await topic_partitions(self.settings, topic)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
