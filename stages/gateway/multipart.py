@@ -48,7 +48,7 @@ def parse_form(body: bytes, content_type: str | None) -> list[Part]:
     if start < 0 or (start > 0 and body[start - 2 : start] != b"\r\n"):
         raise MultipartError("the body does not start with the multipart boundary")
     parts: list[Part] = []
-    pos = start + len(delimiter)
+    pos = _after_delimiter(body, start + len(delimiter))
     separator = b"\r\n" + delimiter
     while True:
         if body.startswith(b"--", pos):
@@ -57,10 +57,24 @@ def parse_form(body: bytes, content_type: str | None) -> list[Part]:
             raise MultipartError("a multipart boundary line is malformed")
         pos += 2
         end = body.find(separator, pos)
+        while end >= 0 and not _ends_delimiter(body, end + len(separator)):
+            end = body.find(separator, end + 1)  # the boundary text inside the data
         if end < 0:
             raise MultipartError("the multipart body ends before its closing boundary")
         parts.append(_part(body[pos:end]))
-        pos = end + len(separator)
+        pos = _after_delimiter(body, end + len(separator))
+
+
+def _after_delimiter(body: bytes, pos: int) -> int:
+    """Past the optional linear whitespace RFC 2046 allows after a boundary."""
+    while body[pos : pos + 1] in (b" ", b"\t"):
+        pos += 1
+    return pos
+
+
+def _ends_delimiter(body: bytes, pos: int) -> bool:
+    pos = _after_delimiter(body, pos)
+    return body.startswith(b"\r\n", pos) or body.startswith(b"--", pos)
 
 
 def _part(raw: bytes) -> Part:
