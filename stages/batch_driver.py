@@ -22,6 +22,7 @@ from schemas.batch import (
     BatchErrors,
     BatchObject,
     error_file_id,
+    line_request_id,
     output_file_id,
 )
 from schemas.headers import make_headers
@@ -174,11 +175,13 @@ class JobDriver:
         assert producer is not None
         acks = []
         for number in sorted(job.pending):
-            record = job.prompt(job.line(number))
-            message = CancelMessage(id=record.request_id, reason="batch cancelled")
-            headers = make_headers(message.ce_type, SOURCE, record.request_id)
+            request_id = line_request_id(job.batch_id, number)
+            message = CancelMessage(id=request_id, reason="batch cancelled")
+            headers = make_headers(message.ce_type, SOURCE, request_id)
             acks.append(
-                await producer.send(self.control, encode(message), key=record.key, headers=headers)
+                await producer.send(
+                    self.control, encode(message), key=request_id.encode(), headers=headers
+                )
             )
         await asyncio.gather(*acks)
 

@@ -118,9 +118,6 @@ class Job:
             total=len(self.lines), completed=completed, failed=len(self.outcomes) - completed
         )
 
-    def line(self, number: int) -> Line:
-        return self._by_number[number]
-
     def offer(self, line: int, request_id: str, value: bytes | None) -> bool:
         """Take an answer for ``line``; False when the line is unknown or already has one."""
         if line not in self._by_number or line in self.outcomes:

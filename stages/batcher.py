@@ -317,17 +317,15 @@ class Batcher:
             await self.driver.run(batch)
         except asyncio.CancelledError:
             raise
-        except SluiceError as exc:
-            if not exc.retriable:
-                raise
+        except Exception as exc:
+            if not (isinstance(exc, SluiceError) and exc.retriable):
+                log.error("batcher: batch %s: fatal error, stopping", batch_id, exc_info=exc)
+                self.fatal = self.fatal or exc
+                self._stopping.set()
+                return
             log.warning("batcher: batch %s failed, retrying in %.0fs: %s", batch_id, RETRY_S, exc)
             await asyncio.sleep(RETRY_S)
             asyncio.get_running_loop().call_soon(self._consider, batch_id)
-        except Exception as exc:
-            log.error("batcher: batch %s: fatal error, stopping", batch_id, exc_info=exc)
-            if self.fatal is None:
-                self.fatal = exc
-            self._stopping.set()
         finally:
             self.jobs.pop(batch_id, None)
             self.wake.pop(batch_id, None)

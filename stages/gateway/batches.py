@@ -122,6 +122,7 @@ class ViewFollower:
                 raise TimeoutError(f"reading {topic} took over {CATCH_UP_S:.0f}s")
             self._apply(await consumer.getmany(timeout_ms=200, max_records=2000))
         self._task = asyncio.create_task(self._view_loop(), name="batches_view_loop")
+        self._task.add_done_callback(_log_death)
         log.info("gateway: %d batches known from %s", len(self.view.batches), topic)
 
     def _apply(self, data: dict[TopicPartition, list[object]]) -> None:
@@ -145,6 +146,11 @@ class ViewFollower:
             await asyncio.gather(self._task, return_exceptions=True)
         if self.consumer is not None:
             await self.consumer.stop()
+
+
+def _log_death(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("gateway: the batches view stopped updating", exc_info=task.exception())
 
 
 def batch_router(settings: Settings, auth: Auth) -> APIRouter:
