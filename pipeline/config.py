@@ -473,6 +473,51 @@ class Settings(BaseSettings):
         default=300.0, ge=0, description="How long a crash-looping stage waits to restart."
     )
 
+    # Batch jobs (OpenAI Batch API)
+    files_max_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=1024,
+        description="Largest file `POST /v1/files` accepts; larger uploads get 413. Files are "
+        "kept in the archive's object store (`SLUICE_ARCHIVE_URL`) under `files/`.",
+    )
+    batch_max_lines: int = Field(
+        default=50_000,
+        ge=1,
+        description="Most requests one batch input file may hold; a longer file fails the "
+        "batch (`too_many_tasks`).",
+    )
+    batch_window_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="How long the `24h` completion window really is: a batch not finished "
+        "this long after its creation expires (lines not answered by then go to its error "
+        "file as `batch_expired`). Shorten it only to rehearse expiry.",
+    )
+    batch_lane: Literal["batch", "interactive"] = Field(
+        default="interactive",
+        description="Where the batcher publishes a batch's requests: `batch` (the "
+        "`<prefix>prompts.batch` topic, which only stages that read the batch lane serve) or "
+        "`interactive` (`<prefix>prompts`, beside chat traffic).",
+    )
+    batch_max_pending: int = Field(
+        default=1000,
+        ge=1,
+        description="Requests of one batch the batcher keeps published and unanswered at a "
+        "time; it publishes the next ones as answers come.",
+    )
+    batch_progress_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often the batcher records a running batch's `request_counts` in the "
+        "batches topic.",
+    )
+    batch_cancel_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long a cancelled batch waits for answers to requests already in the "
+        "pipeline before it is `cancelled` with what it has.",
+    )
+
     @model_validator(mode="after")
     def _check_security(self) -> Settings:
         if self.security_protocol.startswith("SASL"):
@@ -557,6 +602,11 @@ GROUPS: Final[tuple[SettingsGroup, ...]] = (
         "process limits the damage.",
     ),
     SettingsGroup("Compute engine", "engine"),
+    SettingsGroup(
+        "Batch jobs",
+        "files_max_bytes",
+        "The OpenAI Batch API: files on the gateway, batches run by `sluice run batcher`.",
+    ),
 )
 """The sections of ``docs/CONFIGURATION.md``, in declaration order of ``Settings``' fields."""
 

@@ -109,7 +109,8 @@ def demo() -> None:
 @app.command()
 def run(
     stage: Annotated[
-        str, typer.Argument(help="preprocess | compute | postprocess | archiver | gateway")
+        str,
+        typer.Argument(help="preprocess | compute | postprocess | archiver | gateway | batcher"),
     ],
 ) -> None:
     """Run one stage until SIGTERM/SIGINT (graceful: finish in-flight work, commit, leave).
@@ -119,7 +120,7 @@ def run(
     from pipeline.observability import crash
     from stages.registry import STAGES
 
-    known = [*STAGES, "archiver", "gateway"]
+    known = [*STAGES, "archiver", "gateway", "batcher"]
     if stage not in known:
         raise fail(f"unknown stage {stage!r}; one of: {', '.join(known)}")
     settings = _settings()
@@ -146,6 +147,10 @@ def _run_stage(stage: str, settings: Settings, reporter: CrashReporter) -> None:
         from sluice.cli.replay import run_archiver_command
 
         run_archiver_command(settings)
+    elif stage == "batcher":
+        from stages.batcher import run_batcher
+
+        run_async(run_batcher(settings))
     else:
         handler = build_handler(stage, settings)
         reporter.add_inflight(getattr(getattr(handler, "engine", None), "inflight", None))

@@ -9,6 +9,9 @@
 | `sse.py`     | Server-Sent Events in OpenAI's `chat.completion.chunk` stream format     |
 | `openapi.py` | the OpenAPI document, corrected to say what the gateway really answers   |
 | `metrics.py` | `sluice_gateway_*` Prometheus metrics and the middleware that counts     |
+| `files.py`   | the Files API (`/v1/files`), files in the archive's object store         |
+| `batches.py` | the Batches API (`/v1/batches`), state read from the batches topic       |
+| `multipart.py` | the `multipart/form-data` bodies of file uploads                       |
 
 A new group of routes is a new module with a function that builds its ``APIRouter`` from what
 it needs (settings, the client, ``Auth``); ``create_app`` includes it.

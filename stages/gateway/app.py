@@ -40,6 +40,7 @@ from pipeline.logs import setup_logging
 from schemas.errors import SchemaError
 from schemas.messages import INVALID_REQUEST_ERROR, ChatCompletion, ErrorAnswer, decode, encode
 from stages.gateway.auth import Auth, bearer_auth
+from stages.gateway.batches import batch_router
 from stages.gateway.bodies import ChatCompletionRequest, ModelCard, ModelList, Probe
 from stages.gateway.errors import (
     OpenAIHTTPError,
@@ -94,6 +95,7 @@ def create_app(settings: Settings, client: SluiceClient | None = None) -> FastAP
     install_error_handlers(app)
     app.include_router(chat_router(settings, backend, auth))
     app.include_router(models_router(settings, auth))
+    app.include_router(batch_router(settings, auth))
     app.include_router(probes_router(backend, metrics))
     install_openapi(app, [ChatCompletionRequest])
     app.state.client = backend

@@ -198,5 +198,5 @@ def test_an_unknown_stage_is_refused_before_anything_connects() -> None:
     assert code == 2
     assert lines == [
         "error: unknown stage 'preprocessing'; one of: preprocess, compute, postprocess, "
-        "archiver, gateway"
+        "archiver, gateway, batcher"
     ]
