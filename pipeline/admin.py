@@ -109,6 +109,20 @@ async def cluster_id(settings: Settings) -> str:
     return cid
 
 
+async def cluster_id_or_unknown(settings: Settings) -> str:
+    """The cluster id, or "" (logged) when the broker cannot say: offline tools (restore,
+    a dry-run replay) then derive the ids of id-less prompts as for an unknown cluster."""
+    try:
+        return await cluster_id(settings)
+    except (KafkaError, OSError) as exc:
+        log.warning(
+            "no cluster id from %s (%s): ids of prompts without one may not match",
+            settings.bootstrap_servers,
+            exc,
+        )
+        return ""
+
+
 async def partition_count(settings: Settings, topic: str) -> int:
     """How many partitions ``topic`` has; 0 when it does not exist."""
     admin = admin_client(settings)

@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.admin import cluster_id_or_unknown
 from pipeline.config import Settings
 from pipeline.runtime.batch import Record, derived_request_id
 from pipeline.storage import ObjectStore
@@ -59,18 +60,23 @@ class PromptReplayOptions:
     dry_run: bool = False
 
 
-def prompt_request_id(record: ArchivedRecord) -> str:
-    """The request id the pipeline gave (or will give) this prompt."""
-    return Record.of(record, record.timestamp_ms).request_id()
+def prompt_request_id(record: ArchivedRecord, cluster_id: str = "") -> str:
+    """The request id the pipeline gave (or will give) this prompt; ``cluster_id`` is that of
+    the cluster the archived prompt was read from (prompts without an id derive theirs from
+    it)."""
+    return Record.of(record, record.timestamp_ms, cluster_id).request_id()
 
 
 def replay_headers(
-    record: ArchivedRecord, request_id: str, answered: AnswerFacts | None = None
+    record: ArchivedRecord,
+    request_id: str,
+    answered: AnswerFacts | None = None,
+    cluster_id: str = "",
 ) -> HeaderList:
     """The original headers, the request id made explicit if needed, and a new attempt: one
     more than the prompt's and than that of the answer that stands (if known)."""
     headers: HeaderList = list(record.headers)
-    derived = derived_request_id(record.topic, record.partition, record.offset)
+    derived = derived_request_id(Record.of(record, record.timestamp_ms, cluster_id))
     if request_id == derived and header_value(headers, SLUICE_REQUEST_ID) is None:
         headers.append((SLUICE_REQUEST_ID, request_id.encode()))
     latest = max(record_attempt(headers), answered.attempt if answered is not None else 0)
@@ -119,6 +125,7 @@ async def replay_prompts(
             await topic_answers(settings, answers_topic, answers)
             progress.advance(1, answers=len(answers) - before)
 
+    cluster = await cluster_id_or_unknown(settings)  # id-less prompts derive theirs from it
     names = await reader.objects(source, options.window)
     if not names:
         log.warning("no archived objects of %s in %s for this window", source, store.url)
@@ -137,7 +144,7 @@ async def replay_prompts(
             on_object=lambda _: progress.advance(1, sent=summary.sent),
         ):
             summary.examined += 1
-            rid = prompt_request_id(record)
+            rid = prompt_request_id(record, cluster)
             if is_answered(answers.get(rid), retry_errors=options.retry_errors):
                 summary.skipped["answered"] += 1
                 continue
@@ -147,7 +154,7 @@ async def replay_prompts(
             seen.add(rid)
             if producer is not None:
                 await limiter.acquire()
-                headers = replay_headers(record, rid, answers.get(rid))
+                headers = replay_headers(record, rid, answers.get(rid), cluster)
                 in_flight.append(
                     await producer.send(target, record.value, key=record.key, headers=headers)
                 )

@@ -68,7 +68,7 @@ def _content(value: Any) -> str:
     return "" if value is None else orjson.dumps(value).decode()
 
 
-def _prompt_turn(record: ArchivedRecord) -> tuple[str, Turn] | None:
+def _prompt_turn(record: ArchivedRecord, cluster_id: str = "") -> tuple[str, Turn] | None:
     """(conversation id, turn) of an archived prompt; None when the body is not a JSON object."""
     try:
         body = orjson.loads(record.value or b"")
@@ -76,7 +76,7 @@ def _prompt_turn(record: ArchivedRecord) -> tuple[str, Turn] | None:
         return None
     if not isinstance(body, dict):
         return None
-    rid = prompt_request_id(record)
+    rid = prompt_request_id(record, cluster_id)
     conversation = body.get("conversation_id")
     if not isinstance(conversation, str) or not conversation:
         key = record.key.decode("utf-8", errors="replace") if record.key else None
@@ -119,6 +119,7 @@ async def restore_conversation(
     topics: Topics,
     conversation_id: str,
     progress: Progress | None = None,
+    cluster_id: str = "",
 ) -> list[Turn]:
     """The conversation's turns, in order, with their answers."""
     progress = progress or NoProgress()
@@ -129,7 +130,7 @@ async def restore_conversation(
     async for record in reader.records(
         topics.prompts, objects=names, on_object=lambda _: progress.advance(1, turns=len(turns))
     ):
-        found = _prompt_turn(record)
+        found = _prompt_turn(record, cluster_id)
         if found is None or found[0] != conversation_id or found[1].request_id in turns:
             continue
         order = (record.timestamp_ms, record.partition, record.offset)

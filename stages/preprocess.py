@@ -53,6 +53,10 @@ class Preprocess:
             prompt = parse_prompt(record.value, self.max_bytes)
         except SchemaError as exc:
             return Result(record, error=InvalidInput.from_schema(exc))
+        try:
+            self.text.check_top_k(prompt.top_k)  # the engine would fail on it: refused here
+        except InvalidInput as exc:
+            return Result(record, error=exc)
         request_id = prompt.id or record.request_id()
         conversation = prompt.conversation_id or _key_text(record) or request_id
         messages = [{"role": m.role, "content": m.content} for m in prompt.messages]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -10,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from schemas.headers import SLUICE_REQUEST_ID, Headers, header_value
+from schemas.ids import positional_request_id
 
 if TYPE_CHECKING:
     from pipeline.errors import SluiceError
 
-_REQUEST_NS = uuid.UUID("6f1b8c1e-5a0e-4d43-9a55-3b1c7d2e9f10")
+UNKNOWN_CLUSTER = "unknown-cluster"  # records not read from a broker (tests, offline archives)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,9 +29,10 @@ class Record:
     value: bytes | None
     headers: Headers
     timestamp_type: int = 0  # Kafka's: 0 CreateTime (set by the producer), 1 LogAppendTime
+    cluster_id: str = ""  # the Kafka cluster it was read from: request ids derive from it
 
     @classmethod
-    def of(cls, source: Any, timestamp_ms: int) -> Record:
+    def of(cls, source: Any, timestamp_ms: int, cluster_id: str = "") -> Record:
         """A copy of an aiokafka ``ConsumerRecord`` or an archived record (the same field names
         but the timestamp's; an archived record has no timestamp type and counts as
         CreateTime); ``None`` header values, which both allow, become ``b""``."""
@@ -44,6 +45,7 @@ class Record:
             value=source.value,
             headers=[(k, v if v is not None else b"") for k, v in (source.headers or ())],
             timestamp_type=int(getattr(source, "timestamp_type", 0) or 0),
+            cluster_id=cluster_id,
         )
 
     @property
@@ -53,11 +55,12 @@ class Record:
 
     def request_id(self) -> str:
         """The request id: the JSON body's ``id``, else the ``sluice-request-id`` header, else
-        one derived from the record's position.
+        one derived from the record (:func:`derived_request_id`).
 
         The body wins because it is what the producer wrote (preprocess answers under it too);
-        the derived id is a uuid5 of topic/partition/offset, so a redelivery after a crash gets
-        the same id (and the answer can be de-duplicated by it).
+        the derived id is the same for every read of this record (a redelivery after a crash
+        gets the same id, so its answers are de-duplicated by it) and differs for a record at
+        the same position of another cluster or of a re-created topic.
         """
         if self.value:
             try:
@@ -69,11 +72,19 @@ class Record:
         rid = header_value(self.headers, SLUICE_REQUEST_ID)
         if rid:
             return rid
-        return derived_request_id(self.topic, self.partition, self.offset)
+        return derived_request_id(self)
 
 
-def derived_request_id(topic: str, partition: int, offset: int) -> str:
-    return str(uuid.uuid5(_REQUEST_NS, f"{topic}/{partition}/{offset}"))
+def derived_request_id(record: Record) -> str:
+    """The id of a prompt that came without one: ``schemas.ids.positional_request_id`` of the
+    record's cluster, position and timestamp."""
+    return positional_request_id(
+        record.cluster_id or UNKNOWN_CLUSTER,
+        record.topic,
+        record.partition,
+        record.offset,
+        record.timestamp_ms,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ the partition commits past them and goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +45,9 @@ class Fetched:
 class Fetcher:
     """Polls one consumer; remembers where the loop has taken records up to."""
 
-    def __init__(self, consumer: Any) -> None:
+    def __init__(self, consumer: Any, cluster_id: str = "") -> None:
         self.consumer = consumer
+        self.cluster_id = cluster_id  # stamped on every record: request ids derive from it
         self._next: dict[TopicPartition, int] = {}
 
     def forget(self, partitions: set[TopicPartition]) -> None:
@@ -61,7 +63,7 @@ class Fetcher:
         fetched = Fetched()
         for tp, messages in data.items():
             if messages:
-                fetched.records[tp] = [Record.of(m, m.timestamp) for m in messages]
+                fetched.records[tp] = [Record.of(m, m.timestamp, self.cluster_id) for m in messages]
                 self._next[tp] = messages[-1].offset + 1
         return fetched
 
@@ -74,7 +76,9 @@ class Fetcher:
         fetched = Fetched()
         for item in skipped:
             if item.records:
-                fetched.records[item.tp] = item.records
+                fetched.records[item.tp] = [
+                    dataclasses.replace(r, cluster_id=self.cluster_id) for r in item.records
+                ]
             fetched.undecodable[item.tp] = item.undecodable
             self._next[item.tp] = item.resume_at
             log.warning(

@@ -30,7 +30,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from pipeline.admin import missing_topics
+from pipeline.admin import cluster_id, missing_topics
 from pipeline.config import Settings, Topics
 from pipeline.errors import FatalError
 from pipeline.observability import crash
@@ -154,7 +154,7 @@ class StageRunner:
         )
         self._consumer = stage_consumer(self.settings, self.group_id)
         await self._consumer.start()
-        self._fetcher = Fetcher(self._consumer)
+        self._fetcher = Fetcher(self._consumer, await cluster_id(self.settings))
         self._consumer.subscribe(
             [self.spec.input_topic], listener=Rebalance(self._on_revoked, self._on_assigned)
         )

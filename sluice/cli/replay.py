@@ -251,10 +251,15 @@ def restore(
     settings = load_settings()
 
     async def work() -> tuple[str, str]:
+        from pipeline.admin import cluster_id_or_unknown
+
+        cluster = await cluster_id_or_unknown(settings)  # id-less prompts derive theirs from it
         store = open_store(settings, restore_from)
         try:
             with RichProgress(quiet=output is None and not err.is_terminal) as progress:
-                turns = await restore_conversation(store, settings.topics, conversation, progress)
+                turns = await restore_conversation(
+                    store, settings.topics, conversation, progress, cluster
+                )
         finally:
             await store.close()
         if not turns:

@@ -34,6 +34,23 @@ async def produce(settings: Settings, topic: str, items: Sequence[Item]) -> list
     return [(m.partition, m.offset) for m in metas]
 
 
+async def produce_stamped(
+    settings: Settings, topic: str, items: Sequence[Item]
+) -> list[tuple[int, int, int]]:
+    """Produce (key, value, headers) items; returns (partition, offset, timestamp ms) of each:
+    what a request id derived from the record needs (with the cluster id)."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=5
+    )
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, v, key=k, headers=list(h)) for k, v, h in items]
+        metas = await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return [(m.partition, m.offset, m.timestamp) for m in metas]
+
+
 @dataclass
 class Collected:
     records: list[Any] = field(default_factory=list)

@@ -13,12 +13,12 @@ import pytest
 
 from pipeline import admin
 from pipeline.config import Settings
-from pipeline.runtime.batch import derived_request_id
+from pipeline.runtime.batch import Record, derived_request_id
 from schemas.dlt import parse_dlt_headers
 from schemas.headers import header_value
 from schemas.messages import ChatCompletion, ErrorAnswer, decode_answer
 from sluice.procs import StageProcess, stage_env
-from tests.integration.kafka_io import Item, collect, group_lag, produce, prompt
+from tests.integration.kafka_io import Item, collect, group_lag, produce, produce_stamped, prompt
 from tests.paths import REPO_ROOT
 
 MODEL = REPO_ROOT / "models" / "demo" / "tokenizer"
@@ -96,12 +96,14 @@ async def test_2000_prompts_with_5_percent_malformed_each_get_exactly_one_answer
             text = f"prompt {i}: {words}"
             items.append((f"conv-{i % 50}".encode(), prompt(text, id=f"req-{i}"), []))
             expected[i] = ("ok", text)
-    positions = await produce(settings, settings.topics.prompts, items)
+    positions = await produce_stamped(settings, settings.topics.prompts, items)
+    cluster = await admin.cluster_id(settings)
     request_ids = {}
-    for i, (part, off) in enumerate(positions):
+    for i, (part, off, stamp) in enumerate(positions):
         kind, detail = expected[i]
         if kind == "error" and detail == "bad-json":
-            request_ids[i] = derived_request_id(settings.topics.prompts, part, off)
+            where = Record(settings.topics.prompts, part, off, stamp, None, b"", [], 0, cluster)
+            request_ids[i] = derived_request_id(where)
         else:
             request_ids[i] = f"req-{i}" if kind == "ok" else f"bad-{i}"
 
@@ -134,7 +136,8 @@ async def test_2000_prompts_with_5_percent_malformed_each_get_exactly_one_answer
         assert info.exception_class is not None and info.stacktrace
         assert info.reason is not None
         dead_by_reason[info.reason] = dead_by_reason.get(info.reason, 0) + 1
-        original = items[positions.index((info.partition, info.offset))]
+        placed = [(part, off) for part, off, _ in positions]
+        original = items[placed.index((info.partition, info.offset))]
         assert rec.value == original[1] and rec.key == original[0]
     assert dead_by_reason == {"bad-json": 25, "schema": 25, "empty-messages": 25, "oversized": 25}
 

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from pipeline.config import Topics
-from pipeline.runtime.batch import derived_request_id
+from pipeline.runtime.batch import Record, derived_request_id
 from pipeline.storage import LocalStore
 from replay import common
 from replay.common import RateLimiter, ReplaySummary, parse_time, record_attempt, with_attempt
@@ -41,7 +41,7 @@ def test_a_replayed_prompt_keeps_its_request_id() -> None:
     assert ("sluice-request-id", b"hdr-1") in replay_headers(by_header, "hdr-1")
 
     anonymous = _record(b"{not json", (("sluice-attempt", b"3"),))
-    derived = derived_request_id("p.prompts", 2, 17)
+    derived = derived_request_id(Record.of(anonymous, anonymous.timestamp_ms))
     assert prompt_request_id(anonymous) == derived
     # The new position would derive another id, so the original one travels as a header.
     assert replay_headers(anonymous, derived) == [

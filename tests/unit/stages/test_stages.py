@@ -319,6 +319,14 @@ def test_preprocess_copies_the_sampling_fields(pre: Preprocess) -> None:
     assert sampling.stop == ["END"]
 
 
+def test_preprocess_refuses_a_top_k_beyond_the_vocabulary(pre: Preprocess) -> None:
+    """The engine would fail on it (and count a fault): a 400 naming top_k, before any work."""
+    body = _prompt(top_k=pre.text.vocab_size + 1)
+    result = _only(pre.handle(Batch.of([_prompt_record(body)])))
+    assert isinstance(result.error, InvalidInput) and result.error.param == "top_k"
+    assert not result.outputs
+
+
 def test_preprocess_headers_continue_the_incoming_trace(pre: Preprocess) -> None:
     record = _prompt_record(
         _prompt(id="req-1"), headers=[(TRACEPARENT, INCOMING_TRACEPARENT.encode())]

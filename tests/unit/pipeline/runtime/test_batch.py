@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import orjson
@@ -142,7 +143,7 @@ def test_request_id_empty_header_falls_through_to_the_body() -> None:
 def test_derived_request_id_is_a_stable_uuid5_of_the_position() -> None:
     rid = _rec(7, value=b"{}").request_id()
     assert uuid.UUID(rid).version == 5
-    assert rid == derived_request_id("t.prompts", 0, 7)
+    assert rid == derived_request_id(_rec(7))
     # A redelivery of the same record (same topic/partition/offset) gets the same id.
     assert _rec(7, value=b'{"other": 1}').request_id() == rid
     assert _rec(8).request_id() != rid
@@ -166,4 +167,14 @@ def test_derived_request_id_is_a_stable_uuid5_of_the_position() -> None:
 )
 def test_request_id_falls_back_to_the_derived_id(value: bytes | None) -> None:
     record = _rec(5, value=value)
-    assert record.request_id() == derived_request_id("t.prompts", 0, 5)
+    assert record.request_id() == derived_request_id(_rec(5))
+
+
+def test_derived_ids_differ_across_clusters_and_re_created_topics() -> None:
+    """The same position on another cluster, or on the same topic deleted and created again
+    (a later timestamp), is another prompt: it must not share an id."""
+    here = dataclasses.replace(_rec(3), cluster_id="cluster-a")
+    assert here.request_id() == dataclasses.replace(_rec(3), cluster_id="cluster-a").request_id()
+    assert here.request_id() != dataclasses.replace(here, cluster_id="cluster-b").request_id()
+    later = dataclasses.replace(here, timestamp_ms=here.timestamp_ms + 1)
+    assert here.request_id() != later.request_id()

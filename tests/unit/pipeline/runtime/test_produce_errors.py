@@ -76,7 +76,13 @@ class FakeProducer:
         self.sent: list[tuple[str, bytes | None, list[tuple[str, bytes]]]] = []
 
     async def send(
-        self, topic: str, value: bytes | None, *, key: bytes | None, headers: Any
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        headers: Any,
+        partition: int | None = None,
     ) -> asyncio.Future[None]:
         if len(value or b"") + sum(len(v) for _, v in headers) > self.limit:
             raise MessageSizeTooLargeError("too big")
