@@ -106,9 +106,21 @@ class CrashReporter:
             self._sources.append(source)
 
     def inflight(self) -> list[dict[str, Any]]:
+        """Every source's entries, one per request id: the stage loop says where a record came
+        from (topic, partition, offset), the engine what it is (token counts, sampling), and
+        the two are merged."""
         entries: list[dict[str, Any]] = []
+        by_id: dict[str, dict[str, Any]] = {}
         for source in self._sources:
-            entries.extend(sanitize_features(e) for e in source())
+            for raw in source():
+                entry = sanitize_features(raw)
+                rid = entry.get("request_id")
+                if isinstance(rid, str) and rid in by_id:
+                    by_id[rid].update({k: v for k, v in entry.items() if v is not None})
+                    continue
+                if isinstance(rid, str):
+                    by_id[rid] = entry
+                entries.append(entry)
         return entries
 
     def already_reported(self, exc: BaseException | None) -> Path | None:

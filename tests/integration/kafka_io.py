@@ -43,12 +43,16 @@ async def produce_stamped(
         bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=5
     )
     await producer.start()
+    stamps = [int(time.time() * 1000)] * len(items)  # set here: the record keeps exactly this
     try:
-        futures = [await producer.send(topic, v, key=k, headers=list(h)) for k, v, h in items]
+        futures = [
+            await producer.send(topic, v, key=k, headers=list(h), timestamp_ms=stamp)
+            for (k, v, h), stamp in zip(items, stamps, strict=True)
+        ]
         metas = await asyncio.gather(*futures)
     finally:
         await producer.stop()
-    return [(m.partition, m.offset, m.timestamp) for m in metas]
+    return [(m.partition, m.offset, stamp) for m, stamp in zip(metas, stamps, strict=True)]
 
 
 @dataclass

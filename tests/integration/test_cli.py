@@ -52,9 +52,12 @@ def test_topics_list_then_create_on_a_fresh_prefix(kafka_broker: ServiceHandle) 
     assert created.returncode == 0, created.stderr
     assert created.stderr == ""  # no retries logged: leaders and coordinator were waited for
     assert sorted(created.stdout.split()[1::2]) == sorted(
-        f"{prefix}{t}{dlt}"
-        for t in ("prompts", "tokenized", "generated", "answers")
-        for dlt in ("", ".DLT")
+        [
+            f"{prefix}{t}{dlt}"
+            for t in ("prompts", "tokenized", "generated", "answers")
+            for dlt in ("", ".DLT")
+        ]
+        + [f"{prefix}replies", f"{prefix}control"]  # the edge's topics have no dead letters
     )
     listed = sluice(kafka_broker, prefix, "topics", "list")
     assert listed.returncode == 0, listed.stderr

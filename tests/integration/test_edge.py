@@ -182,6 +182,8 @@ async def test_three_gateways_each_read_only_their_own_reply_partition(
         copies = await _read_all(settings, settings.topics.replies, 3)
         by_partition: dict[int, set[str]] = {}
         for record in copies:
+            if header_value(list(record.headers), "ce_type") == "sluice.delta":
+                continue  # the partition also carries compute's deltas
             body = orjson.loads(record.value)
             words = body["choices"][0]["message"]["content"].split()
             gateway = words[-2] if len(words) >= 2 else "g2"  # "hi": the developer-role one

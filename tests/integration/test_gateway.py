@@ -279,7 +279,7 @@ async def test_client_infer_returns_200_answers_in_input_order(gateway: Gateway)
 async def test_client_drops_duplicate_answers_and_ignores_foreign_ones(
     gateway: Gateway,
 ) -> None:
-    """Answers made up here, on the real answers topic: the first copy wins."""
+    """Answers made up here, on the client's real reply partition: the first copy wins."""
     settings = gateway.settings.model_copy(update={"topic_prefix": f"t{uuid.uuid4().hex[:12]}."})
     await admin.create_topics(settings)
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
@@ -295,11 +295,12 @@ async def test_client_drops_duplicate_answers_and_ignores_foreign_ones(
                     finish_reason="stop",
                     usage=Usage.of(1, 1),
                 )
-                await producer.send_and_wait(  # one key: one partition, read in this order
-                    settings.topics.answers,
+                await producer.send_and_wait(  # the client's reply partition, in order
+                    settings.topics.replies,
                     encode(completion),
                     key=b"k",
                     headers=make_headers(CE_ANSWER, "test", rid),
+                    partition=client.reply_partitions[0],
                 )
 
             pending = asyncio.create_task(client.request("anything", request_id="dup-1"))

@@ -283,3 +283,16 @@ def test_a_field_sent_twice_is_refused() -> None:
     part = b'Content-Disposition: form-data; name="file"; filename="a"\r\n\r\nx'
     with pytest.raises(MultipartError, match="more than once"):
         fields(parse_form(form(part, part), CT))
+
+
+def test_expired_and_cancelled_answers_become_the_batch_s_own_line_errors() -> None:
+    """compute answers a line it stopped for the batch's deadline or its cancel; the error file
+    says so the way OpenAI does, not as an HTTP error response."""
+    from pipeline.errors import Cancelled, Expired
+    from schemas.messages import encode
+    from stages.batch_job import outcome_of
+
+    cancelled = outcome_of("b-1", encode(Cancelled("stopped").answer()))
+    expired = outcome_of("b-2", encode(Expired("late").answer()))
+    assert (cancelled.response, cancelled.error) == (None, CANCELLED_ERROR)
+    assert (expired.response, expired.error) == (None, EXPIRED_ERROR)

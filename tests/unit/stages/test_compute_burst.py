@@ -14,7 +14,7 @@ from pipeline.runtime.breaker import BreakerState, CircuitBreaker, ResponseCache
 from pipeline.runtime.processing import RecordProcessor, RetryPolicy
 from stages.compute import Compute
 from stages.engines.base import Generation, GenerationRequest
-from stages.registry import build_handler
+from stages.engines.echo import EchoEngine
 from stages.text import TextModel
 from tests.unit.stages.test_stages import MODEL, _tokenized_record
 
@@ -27,8 +27,10 @@ async def test_a_burst_against_a_failing_echo_engine_is_attempted_at_most_thresh
 ) -> None:
     fault = tmp_path / "echo-fault"
     settings = Settings(model_path=MODEL, topic_prefix="t.", engine="echo", echo_fault_file=fault)
-    handler = build_handler("compute", settings)
-    assert isinstance(handler, Compute)
+    # compute as sluice run builds it, less what needs a broker (deltas, cancels): no services
+    handler = Compute(
+        settings, EchoEngine(TextModel.load(MODEL), 0.0, fault), TextModel.load(MODEL)
+    )
     await handler.warmup()
     fault.touch()  # the engine fails every generation from now on
     attempts = 0

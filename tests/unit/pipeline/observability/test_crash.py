@@ -201,3 +201,18 @@ def test_an_unhandled_exception_writes_a_report_and_a_clean_exit_leaves_no_hard_
     clean = _child(tmp_path / "clean", "reporter.close()")
     assert clean.returncode == 0, clean.stderr
     assert not list((tmp_path / "clean" / "state" / "crash").glob("hard-*"))
+
+
+def test_the_loop_s_and_the_engine_s_entries_for_one_request_are_merged(tmp_path: Path) -> None:
+    """The stage loop knows where a record came from, the engine what it is: one entry each."""
+    reporter = crash.install(_settings(tmp_path), "compute", _inflight, hooks=False)
+    try:
+        reporter.add_inflight(
+            lambda: [{"request_id": "req-2", "topic": "t", "partition": 3, "offset": 9}]
+        )
+        entries = {e["request_id"]: e for e in reporter.inflight()}
+    finally:
+        reporter.close()
+    assert sorted(entries) == ["req-1", "req-2"]
+    assert entries["req-2"]["prompt_tokens"] == 5
+    assert (entries["req-2"]["partition"], entries["req-2"]["offset"]) == (3, 9)
