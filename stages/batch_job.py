@@ -33,7 +33,14 @@ from schemas.batch import (
 )
 from schemas.errors import SchemaError
 from schemas.headers import Headers, make_headers
-from schemas.messages import CE_PROMPT, EXPIRED, ChatCompletion, ErrorAnswer, decode_answer
+from schemas.messages import (
+    CANCELLED,
+    CE_PROMPT,
+    EXPIRED,
+    ChatCompletion,
+    ErrorAnswer,
+    decode_answer,
+)
 from schemas.streaming import deadline_header
 from schemas.wire import encode
 from stages.batch_input import Line
@@ -71,6 +78,8 @@ def outcome_of(request_id: str, value: bytes | None) -> Outcome:
         return Outcome(LineResponse(status_code=200, request_id=request_id, body=_body(answer)))
     if answer.error.code == EXPIRED:
         return Outcome(None, EXPIRED_ERROR)
+    if answer.error.code == CANCELLED:  # compute stopped it because the batch was cancelled
+        return Outcome(None, CANCELLED_ERROR)
     response = LineResponse(
         status_code=answer.http_status(), request_id=request_id, body=_body(answer)
     )
