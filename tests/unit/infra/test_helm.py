@@ -113,6 +113,15 @@ def test_scaled_objects_carry_the_scaling_policies() -> None:
         behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
         assert behavior["scaleUp"]["stabilizationWindowSeconds"] == policy.scale_up_window_s
         assert behavior["scaleDown"]["stabilizationWindowSeconds"] == policy.scale_down_window_s
+        lanes = [t["metadata"] for t in spec["triggers"] if t["type"] == "kafka"][1:]
+        if policy.batch_lag_threshold:  # the batch lane: its own trigger, the same group
+            assert [(m["topic"], m["lagThreshold"], m["consumerGroup"]) for m in lanes] == [
+                (f"{kafka['metadata']['topic']}.batch", str(policy.batch_lag_threshold),
+                 kafka["metadata"]["consumerGroup"])
+            ]  # fmt: skip
+            assert lanes[0]["activationLagThreshold"] == str(policy.activation_lag)
+        else:
+            assert lanes == []
         tokens = [t for t in spec["triggers"] if t["type"] == "prometheus"]
         if policy.token_threshold:
             assert tokens[0]["metadata"]["threshold"] == str(policy.token_threshold)
