@@ -11,7 +11,8 @@ Two reasons, kept apart so one never undoes the other:
   interactive waits and the work in flight is down to ``resume_at``.
 
 A partition is fetched only when neither reason holds it. The batch lane's share is half the
-in-flight bound (for compute: the engine's batch, since its bound is twice that), so batch
+in-flight bound (for compute: the engine's batch, since its bound is twice that), and while
+the batch lane is fetched a poll asks for no more records than that share leaves, so batch
 work never takes the room interactive work needs to reach the handler.
 
 Interactive waiting: interactive records fetched and neither finished nor admitted. A handler
@@ -142,7 +143,16 @@ class Pausing:
             if lane is not None:
                 log.debug("stage %s: batch lane %s", self.stage, lane.value)
             self._report()
-        return self.bound.room(in_flight)
+        return self.room(in_flight)
+
+    def room(self, in_flight: int) -> int:
+        """How many records the next poll may bring: the bound's room, and while the batch lane
+        is fetched, no more than its share leaves (a poll cannot ask per lane, so one poll
+        could otherwise fill the whole bound with batch work and pause chat with it)."""
+        room = self.bound.room(in_flight)
+        if self.gate is not None and not self.batch_paused:
+            room = min(room, max(1, self.gate.capacity - in_flight))
+        return room
 
     @property
     def batch_paused(self) -> bool:

@@ -56,8 +56,9 @@ def pausing(
 def test_the_batch_lane_takes_half_the_bound_and_is_let_in_again_at_a_quarter() -> None:
     p, consumer, _ = pausing(max_records=8)
     assert p.gate is not None and (p.gate.capacity, p.gate.resume_at) == (4, 2)
-    assert p.update(3, 0) == 5 and consumer.paused == set()
-    p.update(4, 0)
+    assert p.update(0, 0) == 4  # a poll may not fill more than the batch lane's share
+    assert p.update(3, 0) == 1 and consumer.paused == set()
+    assert p.update(4, 0) == 4  # batch lane paused: the bound's room again, for chat
     assert consumer.paused == BATCH_TPS  # interactive partitions keep being fetched
     p.update(3, 0)
     assert consumer.paused == BATCH_TPS  # no flapping between 2 and 4
@@ -131,6 +132,7 @@ def test_a_stage_with_one_lane_pauses_and_resumes_everything_at_the_bound_only()
     p, consumer, _ = pausing(max_records=4, batch=None)
     p.fetched([record(CHAT, 1)])
     assert p.gate is None and p.interactive_waiting() == 0
+    assert p.update(0, 0) == 4  # no lane share: the whole bound
     assert p.update(3, 0) == 1 and consumer.paused == set()
     p.update(4, 0)
     assert consumer.paused == CHAT_TPS | BATCH_TPS
