@@ -1,6 +1,7 @@
 """The batch lane on the real broker: with a backlog on ``prompts.batch`` and interactive
-prompts arriving, compute pauses the batch lane's partitions while interactive work waits, the
-interactive prompts are answered before the batch is done, and the batch still completes."""
+prompts arriving, compute has the batch lane's partitions paused whenever interactive work
+waits, the interactive prompts are answered before the batch is done, and the batch still
+completes."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ async def test_interactive_prompts_are_served_first_while_a_batch_backlog_comple
     pre = build_handler("preprocess", settings)
     compute = build_handler("compute", settings)
     async with _running(settings, pre, compute) as [_, compute_runner]:
-        pauses = _spy_on_pauses(compute_runner)
+        looks = _spy_on_looks(compute_runner)
         batch = [(b"b%d" % i, prompt(f"line {i}", id=f"b-{i}"), ()) for i in range(BATCH_LINES)]
         await produce(settings, topics.prompts_batch, batch)
         await collect(settings, topics.generated, until=8, within=WITHIN_S)  # under way
@@ -63,24 +64,29 @@ async def test_interactive_prompts_are_served_first_while_a_batch_backlog_comple
     assert sorted(rid for rid in ids if rid.startswith("c-")) == [f"c-{i}" for i in range(CHAT)]
     # the chat prompts did not wait for the batch: all answered before its last line
     assert max(r.timestamp for r in chat) < max(r.timestamp for r in lines)
-    # the loop paused the batch lane's partitions alone because interactive work was waiting
+    # whenever the loop looked and interactive work was waiting, the consumer had the batch
+    # lane's partitions paused, and never an interactive one for it
     lane = topics.tokenized_batch
-    lane_pauses = [w for tps, w in pauses if tps and all(tp.topic == lane for tp in tps)]
-    assert any(waiting > 0 for waiting in lane_pauses), pauses
+    waiting = [(paused, w) for paused, w in looks if w > 0]
+    assert waiting, "no interactive record was ever seen waiting"
+    for paused, _ in waiting:
+        assert paused and all(tp.topic == lane for tp in paused), paused
     assert lag == 0  # the batch lane committed to its end
 
 
-def _spy_on_pauses(runner: StageRunner) -> list[tuple[set[TopicPartition], int]]:
-    """Each pause of the compute consumer: the partitions, and interactive work waiting then."""
-    consumer = runner.pausing.consumer
+def _spy_on_looks(runner: StageRunner) -> list[tuple[set[TopicPartition], int]]:
+    """After each of the loop's pausing decisions: the partitions the compute consumer has
+    paused (aiokafka's own record), and the interactive records waiting then."""
+    pausing = runner.pausing
     seen: list[tuple[set[TopicPartition], int]] = []
-    pause = consumer.pause
+    update = pausing.update
 
-    def spy(*tps: TopicPartition) -> None:
-        seen.append((set(tps), runner.pausing.interactive_waiting()))
-        pause(*tps)
+    def spy(in_flight: int, in_flight_bytes: int) -> int:
+        room = update(in_flight, in_flight_bytes)
+        seen.append((set(pausing.consumer.paused()), pausing.interactive_waiting()))
+        return room
 
-    consumer.pause = spy
+    pausing.update = spy  # type: ignore[method-assign]
     return seen
 
 
