@@ -80,18 +80,29 @@ async def create_topics(
 
 def new_topic(settings: Settings, name: str, partitions: int | None = None) -> NewTopic:
     """How ``name`` is created: the replies topic with ``replies_topic_partitions``, the
-    control topic with ``control_topic_partitions``, both with ``edge_retention_ms``; every
-    other topic with ``partitions`` (default ``settings.partitions``)."""
+    control topic with ``control_topic_partitions``, both with ``edge_retention_ms``; the
+    batches topic compacted (``cleanup.policy=compact``: each batch's latest state is kept);
+    every other topic with ``partitions`` (default ``settings.partitions``) and the broker's
+    defaults."""
     topics = settings.topics
     parts = partitions or settings.partitions
     rf = settings.replication_factor
-    retention = {"retention.ms": str(settings.edge_retention_ms)}
     if name == topics.replies:
-        replies = settings.replies_topic_partitions or parts
-        return NewTopic(name, replies, rf, topic_configs=retention)
-    if name == topics.control:
-        return NewTopic(name, settings.control_topic_partitions, rf, topic_configs=retention)
-    return NewTopic(name, parts, rf)
+        parts = settings.replies_topic_partitions or parts
+    elif name == topics.control:
+        parts = settings.control_topic_partitions
+    return NewTopic(name, parts, rf, topic_configs=topic_configs(settings, name))
+
+
+def topic_configs(settings: Settings, name: str) -> dict[str, str]:
+    """The per-topic configuration Sluice sets when it creates ``name`` (empty: the broker's
+    defaults)."""
+    topics = settings.topics
+    if name in topics.state_topics():
+        return {"cleanup.policy": "compact"}
+    if name in topics.edge_topics():
+        return {"retention.ms": str(settings.edge_retention_ms)}
+    return {}
 
 
 async def cluster_id(settings: Settings) -> str:

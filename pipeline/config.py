@@ -38,6 +38,16 @@ class Topics:
         return f"{self.prefix}tokenized"
 
     @property
+    def prompts_batch(self) -> str:
+        """The batch lane's prompts: what the batcher publishes (``SLUICE_BATCH_LANE=batch``)."""
+        return f"{self.prefix}prompts.batch"
+
+    @property
+    def tokenized_batch(self) -> str:
+        """The batch lane's tokenized requests: compute reads them into spare capacity only."""
+        return f"{self.prefix}tokenized.batch"
+
+    @property
     def generated(self) -> str:
         return f"{self.prefix}generated"
 
@@ -55,22 +65,40 @@ class Topics:
         """Cancels by request id, read by every compute worker."""
         return f"{self.prefix}control"
 
+    @property
+    def batches(self) -> str:
+        """Batch job state, compacted: each batch's latest ``BatchObject`` and its cancel."""
+        return f"{self.prefix}batches"
+
     @staticmethod
     def dlt(topic: str) -> str:
         return f"{topic}.DLT"
 
     def main_topics(self) -> list[str]:
-        return [self.prompts, self.tokenized, self.generated, self.answers]
+        """The flow's topics, each with a ``.DLT`` twin: the interactive lane's four, then the
+        batch lane's two."""
+        return [
+            self.prompts,
+            self.tokenized,
+            self.generated,
+            self.answers,
+            self.prompts_batch,
+            self.tokenized_batch,
+        ]
 
     def edge_topics(self) -> list[str]:
         """The replies and control topics: short-lived traffic, no ``.DLT`` twins."""
         return [self.replies, self.control]
 
+    def state_topics(self) -> list[str]:
+        """Compacted state (``cleanup.policy=compact``), no ``.DLT`` twin: the batches topic."""
+        return [self.batches]
+
     def all_topics(self) -> list[str]:
-        """Every topic Sluice uses: the four of the flow with a ``.DLT`` each, then replies
-        and control."""
+        """Every topic Sluice uses: the flow's (both lanes) with a ``.DLT`` each, then replies
+        and control, then the batches topic."""
         flow = [t for topic in self.main_topics() for t in (topic, self.dlt(topic))]
-        return [*flow, *self.edge_topics()]
+        return [*flow, *self.edge_topics(), *self.state_topics()]
 
 
 class Settings(BaseSettings):
@@ -494,10 +522,11 @@ class Settings(BaseSettings):
         "file as `batch_expired`). Shorten it only to rehearse expiry.",
     )
     batch_lane: Literal["batch", "interactive"] = Field(
-        default="interactive",
+        default="batch",
         description="Where the batcher publishes a batch's requests: `batch` (the "
-        "`<prefix>prompts.batch` topic, which only stages that read the batch lane serve) or "
-        "`interactive` (`<prefix>prompts`, beside chat traffic).",
+        "`<prefix>prompts.batch` topic: preprocess and compute read it too, and compute "
+        "pauses it while interactive work waits) or `interactive` (`<prefix>prompts`, beside "
+        "chat traffic, with no priority for chat).",
     )
     batch_max_pending: int = Field(
         default=1000,

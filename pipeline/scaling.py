@@ -10,6 +10,14 @@ its engine batch). Those records count in the committed-offset lag, so without i
 compute worker running a full batch already looks like ceil(batch / lag_threshold) workers'
 worth of backlog and the stage jumps towards max_workers on any load.
 
+Two lanes: a stage that reads the batch lane too (preprocess, compute) has a
+``batch_lag_threshold``, the batch-lane backlog one worker is expected to carry (larger than the
+interactive one: batch work waits for spare capacity by design), and the batch lane's lag is a
+third signal, ceil(batch lag / batch_lag_threshold). When every signal is below
+``activation_lag`` (and no tokens wait) the desired count is 0: a policy with ``min_workers`` 0
+scales the stage to zero when both lanes are idle and back to one on the first record, as
+KEDA's activation thresholds do.
+
 Like KEDA/HPA stabilization, one spike does not move the count: a scale-up takes the *lowest*
 desired count seen over the scale-up window (the lag must persist), a scale-down the *highest*
 over the longer scale-down window (it must have drained for that long). The same policy is what
@@ -34,6 +42,8 @@ class ScalePolicy:
     lag_threshold: int = 50
     token_threshold: int | None = None
     in_flight_per_worker: int = 0
+    batch_lag_threshold: int | None = None  # None: the stage reads one lane
+    activation_lag: int = 1  # below it on every lane (and no waiting tokens): 0 wanted
     min_workers: int = 1
     max_workers: int = 6
     scale_up_window_s: float = 5.0
@@ -49,8 +59,13 @@ class ScalePolicy:
         """The lag one worker is expected to carry: its backlog threshold plus its in-flight."""
         return self.lag_threshold + self.in_flight_per_worker
 
-    def raw_desired(self, lag: int, waiting_tokens: int = 0) -> int:
-        want = math.ceil(max(0, lag) / self.lag_per_worker)
+    def raw_desired(self, lag: int, waiting_tokens: int = 0, batch_lag: int = 0) -> int:
+        idle = lag < self.activation_lag and batch_lag < self.activation_lag
+        if idle and waiting_tokens <= 0:
+            return min(self.max_workers, self.min_workers)
+        want = max(1, math.ceil(max(0, lag) / self.lag_per_worker))
+        if self.batch_lag_threshold:
+            want = max(want, math.ceil(max(0, batch_lag) / self.batch_lag_threshold))
         if self.token_threshold:
             want = max(want, math.ceil(max(0, waiting_tokens) / self.token_threshold))
         return min(self.max_workers, max(self.min_workers, want))
@@ -59,7 +74,11 @@ class ScalePolicy:
 # The one source of truth for scaling, on one machine (sluice scale) and on Kubernetes (the
 # KEDA ScaledObjects in infra/k8s are generated from it: python -m pipeline.scaling k8s).
 DEFAULT_POLICIES = (
-    ScalePolicy("preprocess", lag_threshold=200, min_workers=1, max_workers=6),
+    # batch_lag_threshold: the batch lane's backlog per worker; a batch waits for spare
+    # capacity by design, so it asks for workers only when that backlog is large.
+    ScalePolicy(
+        "preprocess", lag_threshold=200, batch_lag_threshold=2000, min_workers=1, max_workers=6
+    ),
     # in_flight_per_worker: the CPU engine's static batch (32); sluice scale uses
     # SLUICE_ENGINE_MAX_BATCH instead when it is set (a GPU engine holds more).
     ScalePolicy(
@@ -67,6 +86,7 @@ DEFAULT_POLICIES = (
         lag_threshold=50,
         token_threshold=16384,
         in_flight_per_worker=32,
+        batch_lag_threshold=500,
         min_workers=1,
         max_workers=6,
     ),
@@ -96,9 +116,11 @@ class StageScaler:
     _seen: deque[tuple[float, int]] = field(default_factory=deque)
     _since: float | None = None  # first observation: a window counts once it is all observed
 
-    def observe(self, now: float, lag: int, waiting_tokens: int = 0) -> Decision | None:
+    def observe(
+        self, now: float, lag: int, waiting_tokens: int = 0, batch_lag: int = 0
+    ) -> Decision | None:
         """Record an observation; a Decision when the worker count should change now."""
-        want = self.policy.raw_desired(lag, waiting_tokens)
+        want = self.policy.raw_desired(lag, waiting_tokens, batch_lag)
         if self._since is None:
             self._since = now
         self._seen.append((now, want))
@@ -110,7 +132,8 @@ class StageScaler:
         up = min(up_values) if up_values else None
         down = max(down_values) if down_values else None
         if up is not None and up > self.current:
-            load = f"lag {lag}" + (f", {waiting_tokens} waiting tokens" if waiting_tokens else "")
+            load = f"lag {lag}" + (f", batch lane {batch_lag}" if batch_lag else "")
+            load += f", {waiting_tokens} waiting tokens" if waiting_tokens else ""
             return self._decide(up, lag, f"{load} held for {self.policy.scale_up_window_s}s")
         if down is not None and down < self.current:
             return self._decide(down, lag,

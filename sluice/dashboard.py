@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import Settings
+from pipeline.runtime.lanes import is_batch_lane
 from sluice.lag import LagExporter, LagSnapshot
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ GAUGES = {
     "sluice_breaker_state": "breaker",
     "sluice_in_flight_records": "in_flight",
     "sluice_paused_partitions": "paused",
+    "sluice_batch_lane_paused_partitions": "batch_paused",
     "sluice_ready": "ready",
     "sluice_process_memory_bytes": "memory",
     "sluice_process_memory_limit_bytes": "memory_limit",
@@ -224,6 +226,7 @@ class Dashboard:
             for p in snapshot.partitions:
                 if p.lag is not None:  # no commit yet: no lag to plot (Kafka prints "-")
                     values[f"plag/{p.group}/{p.topic}/{p.partition}"] = p.lag
+            values.update(lane_lags(snapshot))
             for group, info in snapshot.groups.items():
                 values[f"members/{group}"] = info.members
             for topic, count in _dlt_counts(snapshot).items():
@@ -351,6 +354,18 @@ class Dashboard:
     async def _readyz(self, _: web.Request) -> web.Response:
         ok, why = self.exporter.ready()
         return web.json_response({"ok": ok, "detail": why}, status=200 if ok else 503)
+
+
+def lane_lags(snapshot: LagSnapshot) -> dict[str, float]:
+    """``lane/<group>/<lane>``: the lag of each group that reads the batch lane, split into
+    its interactive and batch lanes (the batch row of the page)."""
+    lanes = {p.group for p in snapshot.partitions if is_batch_lane(p.topic)}
+    out: dict[str, float] = {}
+    for p in snapshot.partitions:
+        if p.group in lanes and p.lag is not None:
+            key = f"lane/{p.group}/{'batch' if is_batch_lane(p.topic) else 'interactive'}"
+            out[key] = out.get(key, 0) + p.lag
+    return out
 
 
 def breaker_state(value: float) -> str:

@@ -1,14 +1,15 @@
 """``sluice scale``: run the stages as worker processes and follow the autoscaler.
 
-Every second the supervisor reads each stage's consumer-group lag on its input topic (and, for
-a policy with a token threshold, the ``sluice_compute_pending_tokens`` its workers report on
-``/metrics``), feeds the stage's ``StageScaler``, and starts workers (``sluice run <stage>``)
-or stops the newest ones with SIGTERM (they finish in-flight work, commit and leave the group:
-scale-in loses nothing). A worker that dies is restarted with exponential backoff; one that
-died without a crash report of its own gets one from the supervisor, and a stage that keeps
-dying is reported as crash-looping and backed off (``sluice.deaths``). Each worker gets a
-stable slot number as ``SLUICE_INSTANCE_ID`` (exactly-once stages need it), and, with
-``cpu_affinity``, is pinned to one CPU.
+Every second the supervisor reads each stage's consumer-group lag on its input topic and, for a
+stage that reads it, on the batch lane (and, for a policy with a token threshold, the
+``sluice_compute_pending_tokens`` its workers report on ``/metrics``), feeds the stage's
+``StageScaler``, and starts workers (``sluice run <stage>``) or stops the newest ones with
+SIGTERM (they finish in-flight work, commit and leave the group: scale-in loses nothing). A
+worker that dies is restarted with exponential backoff; one that died without a crash report of
+its own gets one from the supervisor, and a stage that keeps dying is reported as crash-looping
+and backed off (``sluice.deaths``). Each worker gets a stable slot number as
+``SLUICE_INSTANCE_ID`` (exactly-once stages need it), and, with ``cpu_affinity``, is pinned to
+one CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sluice.procs import StageProcess, stage_env
 log = logging.getLogger(__name__)
 
 INPUT_OF = {"preprocess": "prompts", "compute": "tokenized", "postprocess": "generated"}
+BATCH_INPUT_OF = {"preprocess": "prompts_batch", "compute": "tokenized_batch"}
 TOKENS_METRIC = "sluice_compute_pending_tokens"
 
 
@@ -56,6 +58,7 @@ class StageState:
     stage: str
     topic: str
     scaler: StageScaler
+    batch_topic: str | None = None  # the batch lane, for a stage that reads it
     workers: dict[int, Worker] = field(default_factory=dict)
     restarts: dict[int, int] = field(default_factory=dict)
     next_restart: dict[int, float] = field(default_factory=dict)
@@ -106,16 +109,26 @@ class Supervisor:
             ]
         topics = settings.topics
         self.stages = {
-            p.stage: StageState(p.stage, getattr(topics, INPUT_OF[p.stage]), StageScaler(p, 0))
+            p.stage: StageState(
+                p.stage,
+                getattr(topics, INPUT_OF[p.stage]),
+                StageScaler(p, 0),
+                getattr(topics, BATCH_INPUT_OF[p.stage], None)
+                if p.batch_lag_threshold and p.stage in BATCH_INPUT_OF
+                else None,
+            )
             for p in policies
         }
+        self.batch_lags: dict[str, int] = {}  # the batch lane's, read with ``lags``
         self._stop = asyncio.Event()
         self._last_lag: dict[str, int] = {}
         self._lag_lock = asyncio.Lock()
         self._lag_reader = LagReader(
             settings,
             GroupSelector(names=tuple(settings.group_id(p.stage) for p in policies)),
-            watch_topics=[st.topic for st in self.stages.values()],
+            watch_topics=[
+                t for st in self.stages.values() for t in (st.topic, st.batch_topic) if t
+            ],
         )
         self._last_round = 0.0
         self.deaths = DeathWatch(settings)
@@ -127,7 +140,8 @@ class Supervisor:
 
     async def lags(self) -> dict[str, int]:
         """Committed-vs-end lag of each stage's group on its input topic (a partition the group
-        has not committed yet counts whole), over one long-lived ``LagReader``."""
+        has not committed yet counts whole), over one long-lived ``LagReader``; the batch
+        lane's lag of a stage that reads it goes to ``batch_lags``."""
         async with self._lag_lock:
             try:
                 snapshot = await self._lag_reader.read()
@@ -138,11 +152,16 @@ class Supervisor:
         out = {}
         for st in self.stages.values():
             group = self.settings.group_id(st.stage)
-            out[st.stage] = sum(
-                rows.get((group, topic, partition), end)
-                for (topic, partition), end in snapshot.topic_ends.items()
-                if topic == st.topic
-            )
+
+            def of(wanted: str | None, group: str = group) -> int:
+                return sum(
+                    rows.get((group, topic, partition), end)
+                    for (topic, partition), end in snapshot.topic_ends.items()
+                    if topic == wanted
+                )
+
+            out[st.stage] = of(st.topic)
+            self.batch_lags[st.stage] = of(st.batch_topic) if st.batch_topic else 0
         self._last_lag = out
         return out
 
@@ -265,7 +284,8 @@ class Supervisor:
                     tokens = 0
                     if st.scaler.policy.token_threshold:
                         tokens = await self.waiting_tokens(st, session)
-                    decision = st.scaler.observe(now, lags[st.stage], tokens)
+                    batch_lag = self.batch_lags.get(st.stage, 0)
+                    decision = st.scaler.observe(now, lags[st.stage], tokens, batch_lag)
                     if decision is not None:
                         st.decisions.append((now, decision))
                         self.decisions_total.labels(st.stage, decision.direction).inc()

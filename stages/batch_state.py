@@ -21,10 +21,9 @@ import zlib
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from pipeline.admin import admin_client, wait_for_leaders
+from pipeline.admin import admin_client, new_topic, wait_for_leaders
 from pipeline.config import Settings
 from pipeline.errors import FatalError
 from schemas.batch import CE_BATCH, CE_BATCH_CANCEL, BatchCancel, BatchObject
@@ -38,18 +37,18 @@ CANCEL_SUFFIX = "/cancel"
 
 
 def batches_topic(settings: Settings) -> str:
-    return f"{settings.topic_prefix}batches"
+    return settings.topics.batches
 
 
 def batch_lane_topics(settings: Settings) -> tuple[str, str]:
     """The batch lane: ``<prefix>prompts.batch`` and ``<prefix>tokenized.batch``."""
-    return f"{settings.topic_prefix}prompts.batch", f"{settings.topic_prefix}tokenized.batch"
+    return settings.topics.prompts_batch, settings.topics.tokenized_batch
 
 
 def batch_prompts_topic(settings: Settings) -> str:
     """Where the batcher publishes requests (``SLUICE_BATCH_LANE``)."""
     if settings.batch_lane == "batch":
-        return batch_lane_topics(settings)[0]
+        return settings.topics.prompts_batch
     return settings.topics.prompts
 
 
@@ -75,20 +74,15 @@ def partition_for(batch_id: str, partitions: int) -> int:
 
 
 async def ensure_batches_topic(settings: Settings) -> None:
-    """Create the compacted batches topic when it is missing (idempotent, any replica)."""
+    """Create the compacted batches topic when it is missing (idempotent, any replica; ``sluice
+    topics create`` makes it too, the same way: ``pipeline.admin.new_topic``)."""
     topic = batches_topic(settings)
     admin = admin_client(settings)
     await admin.start()
     try:
         if topic in set(await admin.list_topics()):
             return
-        new = NewTopic(
-            topic,
-            settings.partitions,
-            settings.replication_factor,
-            topic_configs={"cleanup.policy": "compact"},
-        )
-        response = await admin.create_topics([new])
+        response = await admin.create_topics([new_topic(settings, topic)])
         for name, code, message in response.topic_errors:
             if code not in (0, TopicAlreadyExistsError.errno):
                 raise for_code(code)(f"creating topic {name}: {message}")

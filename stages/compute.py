@@ -15,6 +15,10 @@ Around the engine call:
   one that came first;
 - a request with a ``sluice-reply-to`` header streams text deltas to that partition
   (``stages/deltas.py``); the last carries ``finish_reason`` and ``usage``;
+- two lanes: ``<prefix>tokenized`` and the batch lane ``<prefix>tokenized.batch``. The stage
+  loop pauses the batch lane while interactive requests wait to be admitted (``admitted``) or
+  while the work in flight fills the batch lane's share (half the bound: the engine's batch), so
+  interactive requests never queue behind batch ones;
 - an engine that dies or stalls fails its requests with one ``FatalError``: the loop stops the
   stage, ``healthy()`` is red, and the process exits to be restarted.
 """
@@ -35,6 +39,7 @@ from pipeline.errors import Cancelled, Expired, InvalidInput, SluiceError, as_sl
 from pipeline.runtime.batch import Batch, Output, Record, Result
 from pipeline.runtime.stage import StageSpec, output_for, rebind_ids
 from schemas.errors import SchemaError
+from schemas.headers import SLUICE_REQUEST_ID, header_value
 from schemas.messages import GeneratedMessage, TokenizedMessage, Usage, decode
 from schemas.streaming import now_ms, parse_deadline, parse_reply_to
 from stages.control import CancelListener
@@ -85,6 +90,7 @@ class Compute:
             topics.answers,
             unit="record",
             output_topics=(topics.generated,),
+            batch_input_topic=topics.tokenized_batch,
         )
         self.engine = engine
         self.model_path = settings.model_path
@@ -236,6 +242,11 @@ class Compute:
         False, doing nothing, when it is not (unknown, or already answered)."""
         why = Cancelled(f"request {request_id} was cancelled ({reason})")
         return any([self._abort(held, why) for held in self._held.get(request_id, [])])
+
+    def admitted(self, record: Record) -> bool:
+        """Whether the engine holds ``record``'s request (running, or next for a slot): the
+        stage loop's batch-lane gate counts interactive work as waiting until then."""
+        return header_value(record.headers, SLUICE_REQUEST_ID) in self._held
 
     @property
     def max_in_flight(self) -> int | None:

@@ -4,12 +4,16 @@ Bad input (CloudEvents headers that say it is not a 1.0 prompt, bad JSON, schema
 messages, oversized, too long for the context) becomes an ``InvalidInput`` result: the loop
 dead-letters it and answers the producer with the reason. Plain JSON without CloudEvents
 headers is a prompt like any other.
+
+Both lanes: prompts from ``<prefix>prompts`` go to ``<prefix>tokenized``, those from the batch
+lane (``<prefix>prompts.batch``) to ``<prefix>tokenized.batch``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from pipeline.config import Settings
 from pipeline.errors import InvalidInput
@@ -35,11 +39,16 @@ class Preprocess:
     def __init__(self, settings: Settings, text: TextModel) -> None:
         topics = settings.topics
         self.spec = StageSpec(
-            STAGE, topics.prompts, topics.answers, output_topics=(topics.tokenized,)
+            STAGE,
+            topics.prompts,
+            topics.answers,
+            output_topics=(topics.tokenized, topics.tokenized_batch),
+            batch_input_topic=topics.prompts_batch,
         )
         self.text = text
         self.max_bytes = settings.max_prompt_bytes
         self.out_topic = topics.tokenized
+        self.batch_topics = (topics.prompts_batch, topics.tokenized_batch)
 
     def handle(self, batch: Batch) -> list[Result]:
         return isolate(batch, self._one, stage=STAGE)
@@ -82,7 +91,7 @@ class Preprocess:
         )
         out = output_for(
             record,
-            self.out_topic,
+            self._out_topic(record),
             message,
             stage=STAGE,
             request_id=request_id,
@@ -114,14 +123,20 @@ class Preprocess:
         prompt = parse_prompt(record.value, self.max_bytes)
         request_id = prompt.id or record.request_id()
         conversation = prompt.conversation_id or _key_text(record) or request_id
-        return rebind_ids(
+        outputs = rebind_ids(
             cached,
             record,
             stage=STAGE,
             request_id=request_id,
             conversation_id=conversation,
             key=conversation.encode(),
-        )
+        )  # a cached answer may come from the other lane: this record's lane decides
+        return [replace(o, topic=self._out_topic(record)) for o in outputs]
+
+    def _out_topic(self, record: Record) -> str:
+        """A prompt stays in its lane: the batch lane's go to ``<prefix>tokenized.batch``."""
+        prompts_batch, tokenized_batch = self.batch_topics
+        return tokenized_batch if record.topic == prompts_batch else self.out_topic
 
     async def warmup(self) -> None:
         self.text.encode(self.text.render([{"role": "user", "content": "warm up"}]))

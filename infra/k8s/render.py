@@ -16,6 +16,7 @@ from pipeline.scaling import DEFAULT_POLICIES, ScalePolicy
 
 IMAGE = "sluice:latest"
 INPUT = {"preprocess": "prompts", "compute": "tokenized", "postprocess": "generated"}
+BATCH_INPUT = {"preprocess": "prompts_batch", "compute": "tokenized_batch"}
 
 
 def deployment(policy: ScalePolicy, prefix: str = "sluice.") -> dict[str, Any]:
@@ -53,9 +54,16 @@ def deployment(policy: ScalePolicy, prefix: str = "sluice.") -> dict[str, Any]:
 
 
 def scaled_object(policy: ScalePolicy, prefix: str = "sluice.") -> dict[str, Any]:
-    """A KEDA ScaledObject with the Kafka scaler: lag per replica = the policy's threshold."""
+    """A KEDA ScaledObject with the Kafka scaler: lag per replica = the policy's threshold, and
+    for a stage that reads the batch lane a second trigger with its own threshold."""
     topic = getattr(Topics(prefix), INPUT[policy.stage])
     group = f"{prefix.rstrip('.')}-{policy.stage}"
+    triggers = [kafka_trigger(group, topic, policy.lag_per_worker, policy.activation_lag)]
+    if policy.batch_lag_threshold and policy.stage in BATCH_INPUT:
+        lane = getattr(Topics(prefix), BATCH_INPUT[policy.stage])
+        triggers.append(
+            kafka_trigger(group, lane, policy.batch_lag_threshold, policy.activation_lag)
+        )
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -75,20 +83,27 @@ def scaled_object(policy: ScalePolicy, prefix: str = "sluice.") -> dict[str, Any
                     }
                 }
             },
-            "triggers": [{
-                "type": "kafka",
-                "metadata": {
-                    "bootstrapServers": "kafka:9092",
-                    "consumerGroup": group,
-                    "topic": topic,
-                    "lagThreshold": str(policy.lag_per_worker),  # backlog + in flight
-                    # never more replicas than partitions: the extra ones would idle
-                    "allowIdleConsumers": "false",
-                    "offsetResetPolicy": "earliest",
-                },
-            }],
+            "triggers": triggers,
         },
     }  # fmt: skip
+
+
+def kafka_trigger(group: str, topic: str, threshold: int, activation: int) -> dict[str, Any]:
+    """KEDA's Kafka scaler on one topic of ``group``: ``threshold`` lag per replica; below
+    ``activation`` on every trigger, a ScaledObject with minReplicaCount 0 scales to zero."""
+    return {
+        "type": "kafka",
+        "metadata": {
+            "bootstrapServers": "kafka:9092",
+            "consumerGroup": group,
+            "topic": topic,
+            "lagThreshold": str(threshold),
+            "activationLagThreshold": str(activation),
+            # never more replicas than partitions: the extra ones would idle
+            "allowIdleConsumers": "false",
+            "offsetResetPolicy": "earliest",
+        },
+    }
 
 
 def render() -> str:

@@ -42,6 +42,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from pipeline.admin import missing_topics, partition_count
+from pipeline.client.many import infer_each
 from pipeline.client.prompts import Prepared, Prompt, prepare, refusal
 from pipeline.client.publish import PublishError, PublishTimeout, publish_until
 from pipeline.client.replies import choose_reply_partitions
@@ -256,21 +257,14 @@ class SluiceClient:
         timeout_s: float | None = None,
         on_reply: Callable[[int, Reply], None] | None = None,
     ) -> list[Reply]:
-        """Every prompt's reply, in input order.
-
-        Prompts are published ``batch_size`` at a time; a batch goes out once fewer than
-        ``max_in_flight`` (default ``8 * batch_size``) requests are waiting, so each request's
-        ``timeout_s`` (its deadline counts from its batch's publication; default
-        ``settings.request_timeout_s``) measures the pipeline, not a queue in this client.
-        ``on_reply(index, reply)`` is called as each reply arrives (e.g. for a progress bar).
-        """
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+        """Every prompt's reply, in input order (``pipeline.client.many.infer_each`` sends
+        them, ``batch_size`` at a time within ``max_in_flight``; use it directly to handle
+        replies as they come without holding them). ``on_reply(index, reply)`` is called as
+        each reply arrives (e.g. for a progress bar)."""
         prepared = [prepare(p) for p in prompts]
         ids = [p.request_id for p in prepared]
         if len(set(ids)) != len(ids) or any(rid in self.router for rid in ids):
             raise ValueError("request ids must be unique and not already in flight")
-        window = asyncio.Semaphore(max(max_in_flight or 8 * batch_size, batch_size))
         replies: list[Reply | None] = [None] * len(prepared)
 
         def done(index: int, reply: Reply) -> None:
@@ -278,35 +272,14 @@ class SluiceClient:
             if on_reply is not None:
                 on_reply(index, reply)
 
-        async def wait_one(index: int, future: asyncio.Future[Reply], deadline: float) -> None:
-            try:
-                reply = await self._wait(ids[index], future, deadline)
-            finally:
-                self.router.discard(ids[index])
-                window.release()
-            done(index, reply)
-
-        async with asyncio.TaskGroup() as group:
-            for start in range(0, len(prepared), batch_size):
-                batch: list[tuple[int, Prepared]] = []
-                for index in range(start, min(start + batch_size, len(prepared))):
-                    refused = refusal(prepared[index])
-                    if refused is not None:
-                        done(index, refused)
-                    else:
-                        batch.append((index, prepared[index]))
-                for _ in batch:
-                    await window.acquire()
-                deadline = self._deadline(timeout_s)
-                futures = [self.router.expect(p.request_id) for _, p in batch]
-                try:
-                    await self.publish_prepared([p for _, p in batch], deadline)
-                except BaseException:
-                    for _, p in batch:
-                        self.router.discard(p.request_id)
-                    raise
-                for (index, _), future in zip(batch, futures, strict=True):
-                    group.create_task(wait_one(index, future, deadline), name=f"answer_{index}")
+        await infer_each(
+            self,
+            enumerate(prepared),
+            done,
+            batch_size=batch_size,
+            max_in_flight=max_in_flight,
+            timeout_s=timeout_s,
+        )
         finished = [r for r in replies if r is not None]
         assert len(finished) == len(replies), "every request ends with a reply"
         return finished

@@ -103,6 +103,13 @@ class StageMetrics:
         self.paused = Gauge(
             "sluice_paused_partitions", "Partitions paused for backpressure.", ["stage"], registry=r
         )
+        self.batch_lane_paused = Gauge(
+            "sluice_batch_lane_paused_partitions",
+            "Batch-lane partitions paused (interactive work waiting, the batch lane's share "
+            "of in-flight work used, or the in-flight bound).",
+            ["stage"],
+            registry=r,
+        )
         self.commits = Counter("sluice_commits_total", "Offset commits.", ["stage"], registry=r)
         self.progress = Gauge(
             "sluice_loop_progress_timestamp_seconds",

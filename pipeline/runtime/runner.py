@@ -10,7 +10,9 @@ commits per partition up to the highest contiguous finished offset. The consumer
 while handlers run (partitions are paused, not the loop), so ``max_poll_interval_ms`` never
 trips. Rebalances (in-flight work of lost partitions finished within ``revoke_deadline_s``),
 graceful shutdown (within ``shutdown_deadline_s``) and the fatal path (a crash report, then
-stop) live here too.
+stop) live here too. A stage whose spec names a ``batch_input_topic`` reads both lanes;
+``Pausing`` (``pipeline/runtime/pausing.py``) pauses the batch lane's partitions while
+interactive work waits, and every partition at the in-flight bound.
 
 A handler may expose ``max_in_flight: int | None`` (read after warm-up: the most records it
 can usefully hold, e.g. compute's 2x its engine's batch; the loop's bound becomes the smaller of
@@ -24,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -38,14 +40,15 @@ from pipeline.observability.gpu import GpuCollector
 from pipeline.observability.http import HealthServer
 from pipeline.observability.metrics import StageMetrics
 from pipeline.observability.process import ProcessMemoryCollector
-from pipeline.runtime.backpressure import Change, InFlightBound
-from pipeline.runtime.batch import Batch
+from pipeline.runtime.backpressure import InFlightBound
+from pipeline.runtime.batch import Batch, Record
 from pipeline.runtime.breaker import BreakerState, CircuitBreaker, ResponseCache
 from pipeline.runtime.clients import stage_consumer, stage_producer
 from pipeline.runtime.delivery import Delivery, max_record_bytes
 from pipeline.runtime.fetching import Fetcher
 from pipeline.runtime.inflight import InFlight, Work
 from pipeline.runtime.offsets import OffsetTracker
+from pipeline.runtime.pausing import Pausing
 from pipeline.runtime.processing import RecordProcessor, RetryPolicy
 from pipeline.runtime.rebalance import Rebalance, finish_or_hand_back, within
 from pipeline.runtime.stage import Handler
@@ -103,8 +106,14 @@ class StageRunner:
         self._stopped = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self.backpressure = InFlightBound(settings.max_in_flight, settings.max_in_flight_bytes)
+        self.pausing = Pausing(
+            self.backpressure,
+            stage=self.stage,
+            batch_topic=self.spec.batch_input_topic,
+            admitted=getattr(handler, "admitted", None),
+            on_change=self._on_paused,
+        )
         self._warm = False
-        self._assigned: set[TopicPartition] = set()
         self._last_poll = time.monotonic()
         self._last_finish = time.monotonic()
         self.fatal: BaseException | None = None
@@ -113,19 +122,15 @@ class StageRunner:
 
     async def start(self) -> None:
         """Check topics, warm up, then join the consumer group and start the loops."""
-        needed = [
-            self.spec.input_topic,
-            Topics.dlt(self.spec.input_topic),
-            self.spec.answers_topic,
-            *self.spec.output_topics,
-        ]
-        missing = await missing_topics(self.settings, needed)
+        inputs = self.spec.input_topics
+        writes = [*map(Topics.dlt, inputs), self.spec.answers_topic, *self.spec.output_topics]
+        missing = await missing_topics(self.settings, [*inputs, *writes])
         if missing:
             raise FatalError(
                 f"stage {self.stage}: topics missing: {', '.join(missing)} "
                 "(create them with: sluice topics create)"
             )
-        max_request = await max_record_bytes(self.settings, needed[1:])  # what it writes
+        max_request = await max_record_bytes(self.settings, writes)
         self.cache.load()
         await self.http.start()
         t0 = time.monotonic()
@@ -154,9 +159,10 @@ class StageRunner:
         )
         self._consumer = stage_consumer(self.settings, self.group_id)
         await self._consumer.start()
+        self.pausing.attach(self._consumer)
         self._fetcher = Fetcher(self._consumer, await cluster_id(self.settings))
         self._consumer.subscribe(
-            [self.spec.input_topic], listener=Rebalance(self._on_revoked, self._on_assigned)
+            list(inputs), listener=Rebalance(self._on_revoked, self._on_assigned)
         )
         self._loops = [
             asyncio.create_task(self._fetch_loop(), name=f"{self.stage}_fetch_loop"),
@@ -261,7 +267,7 @@ class StageRunner:
     def ready(self) -> tuple[bool, str]:
         if not self._warm:
             return False, "warming up"
-        if not self._assigned:
+        if not self.pausing.assigned:
             return False, "no partitions assigned"
         if self.breaker.state == BreakerState.OPEN:
             return False, "circuit breaker open"
@@ -275,15 +281,16 @@ class StageRunner:
         max_records = self.settings.batch_max_records
         wait_ms = self.settings.batch_max_wait_ms
         while not self._stopping.is_set():
-            room = self._apply_backpressure()
+            room = self.pausing.update(self.tracker.in_flight, self.inflight.bytes)
             fetched = await fetcher.fetch(timeout_ms=wait_ms, max_records=min(max_records, room))
             self._last_poll = time.monotonic()
             self.metrics.progress.labels(self.stage).set(time.time())
             for tp in fetched.partitions():
-                if tp not in self._assigned:
+                if tp not in self.pausing.assigned:
                     continue  # revoked meanwhile: the next owner reads them
                 epoch = self.tracker.add_many(tp, fetched.offsets(tp))
                 records = fetched.records.get(tp, [])
+                self.pausing.fetched(records)
                 undecodable = fetched.undecodable.get(tp, [])
                 self.metrics.consumed.labels(self.stage, tp.topic).inc(
                     len(records) + len(undecodable)
@@ -307,9 +314,18 @@ class StageRunner:
         assert self._units_or_none is not None, "start() makes the producer first"
         return self._units_or_none
 
-    def _finished(self) -> None:
+    def _finished(self, records: Sequence[Record]) -> None:
+        """A unit of work is done: the batch lane's gate and the in-flight bound look again."""
         self._last_finish = time.monotonic()
         self._in_flight.set(self.tracker.in_flight)
+        self.pausing.finished(records)
+        if self._consumer is not None:
+            self.pausing.update(self.tracker.in_flight, self.inflight.bytes)
+
+    def _on_paused(self, partitions: int, batch_lane: int) -> None:
+        self.metrics.paused.labels(self.stage).set(partitions)
+        if self.spec.batch_input_topic is not None:
+            self.metrics.batch_lane_paused.labels(self.stage).set(batch_lane)
 
     def _spawn(self, work: Coroutine[Any, Any, None], what: Work) -> None:
         task = asyncio.create_task(work)
@@ -363,35 +379,12 @@ class StageRunner:
             self.metrics.commits.labels(self.stage).inc()
             log.debug("stage %s: committed %s", self.stage, offsets)
 
-    def _apply_backpressure(self) -> int:
-        """Pause every partition at the in-flight bound, resume at half; how many may come."""
-        consumer = self._consumer
-        assert consumer is not None
-        in_flight = self.tracker.in_flight
-        change = self.backpressure.update(in_flight, self.inflight.bytes)
-        if change is Change.PAUSE:
-            consumer.pause(*self._assigned)
-            self.metrics.paused.labels(self.stage).set(len(self._assigned))
-            log.info(
-                "stage %s: %d records / %d bytes in flight (bounds %d / %s), pausing %d partitions",
-                self.stage,
-                in_flight,
-                self.inflight.bytes,
-                self.backpressure.max_records,
-                self.backpressure.max_bytes,
-                len(self._assigned),
-            )
-        elif change is Change.RESUME:
-            consumer.resume(*self._assigned)
-            self.metrics.paused.labels(self.stage).set(0)
-        return self.backpressure.room(in_flight)
-
     # ---- rebalances ------------------------------------------------------------------------
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Finish the lost partitions' work within ``revoke_deadline_s``, commit it, and hand
         back (cancel, uncommitted) what is left; only then let the partitions go."""
-        self._assigned -= revoked  # from now on, records fetched for them are not taken
+        self.pausing.revoke(revoked)  # from now on, records fetched for them are not taken
         work = self.inflight.of(revoked)
         pending = [t for t in work if not t.done()]
         if pending and self.settings.revoke_deadline_s > 0:
@@ -416,9 +409,7 @@ class StageRunner:
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
             self.tracker.assign(tp)
-        self._assigned |= assigned
-        if self.backpressure.paused and self._consumer is not None and assigned:
-            self._consumer.pause(*assigned)
+        self.pausing.assign(assigned)  # paused at once if the bound or the lane's gate says so
         log.info("stage %s: assigned %s", self.stage, sorted(str(tp) for tp in assigned))
         self._update_ready()
 

@@ -48,6 +48,17 @@ class StageSpec:
     # "record": one task per record, finishing out of order (generation).
     unit: Literal["partition", "record"] = "partition"
     output_topics: tuple[str, ...] = ()
+    # The batch lane (``<prefix>prompts.batch`` / ``….tokenized.batch``), read beside
+    # ``input_topic``; the loop pauses its partitions while interactive work waits (see
+    # ``pipeline/runtime/lanes.py``). Records of either go to ``<record.topic>.DLT``.
+    batch_input_topic: str | None = None
+
+    @property
+    def input_topics(self) -> tuple[str, ...]:
+        """Every topic the stage reads: the interactive lane, then the batch lane if any."""
+        if self.batch_input_topic is None:
+            return (self.input_topic,)
+        return (self.input_topic, self.batch_input_topic)
 
 
 class Handler(Protocol):

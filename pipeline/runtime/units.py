@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import TopicPartition
 
 from pipeline.observability.metrics import StageMetrics
-from pipeline.runtime.batch import Batch
+from pipeline.runtime.batch import Batch, Record
 from pipeline.runtime.delivery import Delivery
 from pipeline.runtime.offsets import OffsetTracker
 from pipeline.runtime.processing import RecordProcessor
@@ -24,7 +24,7 @@ from pipeline.runtime.undecodable import Undecodable, dead_letter_undecodable
 
 
 class Units:
-    """Runs units of one stage; ``finished`` is called after each."""
+    """Runs units of one stage; ``finished`` is called after each, with its records."""
 
     def __init__(
         self,
@@ -35,7 +35,7 @@ class Units:
         tracker: OffsetTracker,
         metrics: StageMetrics,
         exactly_once: bool,
-        finished: Callable[[], None],
+        finished: Callable[[Sequence[Record]], None],
     ) -> None:
         self.processor = processor
         self.delivery = delivery
@@ -65,7 +65,7 @@ class Units:
         for record in batch:
             self.tracker.finish(tp, record.offset, epoch)
             self._latency.observe(max(0.0, now - record.timestamp_ms / 1000))
-        self._finished()
+        self._finished(batch.records)
 
     async def dead_letter_undecodable(
         self, items: list[Undecodable], tp: TopicPartition, epoch: int, *, upto: int
@@ -83,4 +83,4 @@ class Units:
         self.metrics.dead_letters.labels(self.stage, "undecodable").inc(len(items))
         for item in items:
             self.tracker.finish(tp, item.raw.offset, epoch)
-        self._finished()
+        self._finished(())

@@ -2,23 +2,29 @@
 
     sluice send "What is 2 + 3?"                  # prints the answer; exit 1 on an error answer
     sluice infer --file prompts.jsonl --batch-size 64 --out answers.jsonl
+    sluice infer --file prompts.jsonl --out answers.jsonl --resume   # after a killed run
 
 ``infer`` reads one prompt a line: a JSON string (one user message) or a JSON object (an OpenAI
 chat-completions request body, optionally with ``id`` / ``conversation_id``). It writes one line
-per prompt, in input order: ``{"index", "request_id", "status", "degraded", "latency_s",
-"answer"}`` where ``answer`` is the ``chat.completion`` or the OpenAI error object and
-``status`` the HTTP status an OpenAI server would have used (504: no answer in time). It exits
-1 when a prompt got no answer within the timeout, 0 otherwise (error answers are answers).
+per prompt, in input order, each as soon as it and the ones before it are answered (flushed, so
+a killed run keeps what it wrote): ``{"index", "request_id", "status", "degraded",
+"latency_s", "answer"}`` where ``answer`` is the ``chat.completion`` or the OpenAI error object
+and ``status`` the HTTP status an OpenAI server would have used (504: no answer in time).
+Neither the prompts nor the answers are held in memory beyond those in flight
+(``sluice/cli/infer_files.py``). ``--resume`` keeps the lines already in ``--out`` and sends only
+the other prompts. It exits 1 when a prompt got no answer within the timeout, 0 otherwise
+(error answers are answers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -32,10 +38,19 @@ from rich.progress import (
 from rich.table import Table
 
 from pipeline.aio import run_async
-from pipeline.client import Prompt, Reply, SluiceClient
+from pipeline.client import Prompt, Reply, SluiceClient, prepare
+from pipeline.client.many import infer_each
 from pipeline.config import Settings
 from schemas.messages import ChatCompletion, encode
 from sluice.cli.errors import SluiceGroup, fail
+from sluice.cli.infer_files import (
+    OrderedWriter,
+    Tally,
+    answer_line,
+    iter_prompts,
+    scan_prompts,
+    written_indices,
+)
 from sluice.settings import load_settings
 
 app = typer.Typer(
@@ -86,6 +101,7 @@ async def _send(settings: Settings, body: dict[str, Any], timeout_s: float | Non
 @app.command()
 def infer(
     file: Annotated[Path, typer.Option("--file", "-f", help="Prompts, one JSON a line.")],
+    *,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Answers JSONL ('-': standard output).")
     ] = Path("-"),
@@ -96,34 +112,67 @@ def infer(
     timeout_s: Annotated[
         float | None, typer.Option("--timeout", help="Seconds each prompt may wait.")
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Keep the lines already in --out and send only the other prompts."
+        ),
+    ] = False,
 ) -> None:
-    """Send every prompt of a JSONL file; write the answers in input order."""
+    """Send every prompt of a JSONL file; write each answer as it arrives, in input order."""
+    to_stdout = str(out) == "-"
+    if resume and to_stdout:
+        raise fail("--resume needs --out FILE (the answers written so far)")
     try:
-        prompts = read_prompts(file)
+        total = scan_prompts(file)
+        done = written_indices(out) if resume else set()
     except ValueError as exc:  # not JSON; a missing file is an OSError, for SluiceGroup
         raise fail(str(exc)) from exc
+    done = {i for i in done if i < total}
+    if resume:
+        err.print(f"resuming: {len(done)} of {total} prompts already answered in {out}")
     settings = load_settings()
     t0 = time.monotonic()
-    replies = run_async(_infer(settings, prompts, batch_size, max_in_flight, timeout_s))
-    elapsed = time.monotonic() - t0
-    lines = b"".join(orjson.dumps(answer_line(i, r)) + b"\n" for i, r in enumerate(replies))
-    if str(out) == "-":
-        sys.stdout.buffer.write(lines)
-        sys.stdout.flush()
-    else:
-        out.write_bytes(lines)
-    err.print(summary(replies, elapsed))
-    if any(r.timed_out for r in replies):
+    tally = Tally()
+    with contextlib.ExitStack() as stack:
+        handle = (
+            sys.stdout.buffer
+            if to_stdout
+            else stack.enter_context(out.open("ab" if resume else "wb"))
+        )
+        writer = OrderedWriter(handle, done)
+
+        def on_reply(index: int, reply: Reply) -> None:
+            tally.add(reply)
+            writer.put(index, answer_line(index, reply))
+
+        prompts = iter_prompts(file, done)
+        left = total - len(done)
+        sending = _infer(
+            settings,
+            prompts,
+            left,
+            on_reply,
+            batch_size=batch_size,
+            max_in_flight=max_in_flight,
+            timeout_s=timeout_s,
+        )
+        run_async(sending)
+    err.print(summary(tally, time.monotonic() - t0))
+    if tally.timed_out:
         raise typer.Exit(1)
 
 
 async def _infer(
     settings: Settings,
-    prompts: list[Prompt],
+    prompts: Iterator[tuple[int, Prompt]],
+    total: int,
+    on_reply: Callable[[int, Reply], None],
+    *,
     batch_size: int,
     max_in_flight: int | None,
     timeout_s: float | None,
-) -> list[Reply]:
+) -> None:
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -133,62 +182,31 @@ async def _infer(
     )
     async with SluiceClient(settings, source="cli") as client:
         with Progress(*columns, console=err, transient=False) as progress:
-            task = progress.add_task("answers", total=len(prompts))
-            return await client.infer(
-                prompts,
+            task = progress.add_task("answers", total=total)
+
+            def advance(index: int, reply: Reply) -> None:
+                on_reply(index, reply)
+                progress.advance(task)
+
+            await infer_each(
+                client,
+                ((i, prepare(p)) for i, p in prompts),
+                advance,
                 batch_size=batch_size,
                 max_in_flight=max_in_flight,
                 timeout_s=timeout_s,
-                on_reply=lambda _i, _r: progress.advance(task),
             )
 
 
-def read_prompts(path: Path) -> list[Prompt]:
-    """One prompt a line (blank lines skipped): a JSON string or a JSON object."""
-    prompts: list[Prompt] = []
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from exc
-            if not isinstance(value, str | dict):
-                raise ValueError(f"{path}:{number}: expected a JSON string or object")
-            prompts.append(value)
-    return prompts
-
-
-def answer_line(index: int, reply: Reply) -> dict[str, Any]:
-    return {
-        "index": index,
-        "request_id": reply.request_id,
-        "status": reply.status,
-        "degraded": reply.degraded,
-        "latency_s": round(reply.latency_s, 4),
-        "answer": orjson.Fragment(encode(reply.answer)),
-    }
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, round((len(ordered) - 1) * q / 100))]
-
-
-def summary(replies: list[Reply], elapsed: float) -> Table:
-    ok = sum(r.ok for r in replies)
-    timed_out = sum(r.timed_out for r in replies)
-    latencies = sorted(r.latency_s for r in replies if not r.timed_out)
-    table = Table(title=f"{len(replies)} prompts in {elapsed:.1f}s", show_header=False)
-    table.add_row("completions", str(ok))
-    table.add_row("error answers", str(len(replies) - ok - timed_out))
-    table.add_row("no answer (timeout)", str(timed_out))
+def summary(tally: Tally, elapsed: float) -> Table:
+    table = Table(title=f"{tally.total} prompts in {elapsed:.1f}s", show_header=False)
+    table.add_row("completions", str(tally.ok))
+    table.add_row("error answers", str(tally.errors))
+    table.add_row("no answer (timeout)", str(tally.timed_out))
     for q in (50, 90, 99):
-        table.add_row(f"latency p{q}", f"{_percentile(latencies, q) * 1000:.0f} ms")
+        table.add_row(f"latency p{q}", f"{tally.percentile(q) * 1000:.0f} ms")
     if elapsed > 0:
-        table.add_row("throughput", f"{len(replies) / elapsed:.1f} prompts/s")
+        table.add_row("throughput", f"{tally.total / elapsed:.1f} prompts/s")
     return table
 
 

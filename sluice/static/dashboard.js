@@ -241,6 +241,12 @@ function partitionPanel(group) {
 function renderCharts() {
   const $ = (id) => document.getElementById(id);
   drawChart($("chart-lag"), $("legend-lag"), seriesOf("lag/", shortGroup));
+  const lanes = seriesOf("lane/", (rest) => {
+    const cut = rest.lastIndexOf("/");
+    return `${shortGroup(rest.slice(0, cut))} ${rest.slice(cut + 1)}`;
+  });
+  $("panel-lanes").hidden = !lanes.length;
+  if (lanes.length) drawChart($("chart-lanes"), $("legend-lanes"), lanes);
   for (const g of state.groups) {
     const p = partitionPanel(g.group);
     const series = seriesOf(`plag/${g.group}/`, (rest) => {

@@ -20,7 +20,7 @@ from pipeline import admin
 from pipeline.config import Settings
 from schemas.batch import parse_line_request_id
 from schemas.headers import SLUICE_REQUEST_ID, header_value
-from stages.batch_state import topic_partitions
+from stages.batch_state import batch_prompts_topic, topic_partitions
 from tests.integration.batch_helpers import (
     Stack,
     chat_line,
@@ -85,7 +85,7 @@ def answered_correctly(line: dict[str, Any]) -> bool:
 
 async def published_lines(settings: Settings, batch_id: str) -> list[int]:
     """The line numbers of every prompt the batchers published for ``batch_id``."""
-    topic = settings.topics.prompts
+    topic = batch_prompts_topic(settings)  # the batch lane, by default
     tps = await topic_partitions(settings, topic)
     consumer = AIOKafkaConsumer(**settings.kafka_common(), auto_offset_reset="earliest")
     await consumer.start()

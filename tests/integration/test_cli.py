@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from infra.process import ServiceHandle
+from pipeline.config import Topics
 from tests.paths import REPO_ROOT
 
 
@@ -36,7 +37,8 @@ def test_services_without_their_topics_say_so_in_one_line(
     prefix = f"n{uuid.uuid4().hex[:10]}."
     done = sluice(kafka_broker, prefix, *args)
     assert done.returncode == 3
-    missing = ", ".join(f"{prefix}{t}" for t in ("prompts", "tokenized", "generated", "answers"))
+    flow = ("prompts", "tokenized", "generated", "answers", "prompts.batch", "tokenized.batch")
+    missing = ", ".join(f"{prefix}{t}" for t in flow)
     assert done.stderr.strip().splitlines() == [
         f"error: topics missing: {missing} (create them with: sluice topics create)"
     ]
@@ -51,13 +53,6 @@ def test_topics_list_then_create_on_a_fresh_prefix(kafka_broker: ServiceHandle) 
     created = sluice(kafka_broker, prefix, "topics", "create", "--partitions", "2")
     assert created.returncode == 0, created.stderr
     assert created.stderr == ""  # no retries logged: leaders and coordinator were waited for
-    assert sorted(created.stdout.split()[1::2]) == sorted(
-        [
-            f"{prefix}{t}{dlt}"
-            for t in ("prompts", "tokenized", "generated", "answers")
-            for dlt in ("", ".DLT")
-        ]
-        + [f"{prefix}replies", f"{prefix}control"]  # the edge's topics have no dead letters
-    )
+    assert sorted(created.stdout.split()[1::2]) == sorted(Topics(prefix).all_topics())
     listed = sluice(kafka_broker, prefix, "topics", "list")
     assert listed.returncode == 0, listed.stderr

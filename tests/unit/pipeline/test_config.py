@@ -17,8 +17,13 @@ def test_every_topic_has_its_dead_letter_twin() -> None:
         "acme.generated.DLT",
         "acme.answers",
         "acme.answers.DLT",
+        "acme.prompts.batch",
+        "acme.prompts.batch.DLT",
+        "acme.tokenized.batch",
+        "acme.tokenized.batch.DLT",
         "acme.replies",
         "acme.control",
+        "acme.batches",
     ]
     assert topics.edge_topics() == ["acme.replies", "acme.control"]
 

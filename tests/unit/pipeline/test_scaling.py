@@ -74,3 +74,26 @@ def test_a_scale_up_on_waiting_tokens_says_so() -> None:
     decision = s.observe(1, 0, waiting_tokens=3000)
     assert decision is not None and decision.desired == 3
     assert "3000 waiting tokens" in decision.reason
+
+
+def test_the_batch_lane_asks_for_workers_by_its_own_larger_threshold() -> None:
+    policy = ScalePolicy("compute", lag_threshold=50, batch_lag_threshold=500, max_workers=6)
+    assert policy.raw_desired(0, batch_lag=400) == 1  # a batch waits for spare capacity
+    assert policy.raw_desired(0, batch_lag=1600) == 4
+    assert policy.raw_desired(120, batch_lag=100) == 3  # the interactive lane's own count
+    single = ScalePolicy("postprocess", lag_threshold=50)
+    assert single.raw_desired(0, batch_lag=1600) == 1  # no batch lane: its lag is not read
+
+
+def test_a_policy_with_min_zero_scales_to_zero_when_both_lanes_are_idle() -> None:
+    policy = ScalePolicy("compute", lag_threshold=50, batch_lag_threshold=500, min_workers=0,
+                         activation_lag=1)  # fmt: skip
+    assert policy.raw_desired(0, 0, 0) == 0
+    assert policy.raw_desired(0, 0, batch_lag=1) == 1  # one batch line wakes it
+    assert policy.raw_desired(1, 0, 0) == 1  # so does one chat prompt
+    assert policy.raw_desired(0, waiting_tokens=10) == 1
+    s = StageScaler(policy, current=2)
+    decisions = [s.observe(t, 0, batch_lag=0) for t in range(0, 40)]
+    assert [d.desired for d in decisions if d is not None] == [0]
+    woke = [s.observe(40 + t, 0, batch_lag=5) for t in range(0, 7)]
+    assert [d.desired for d in woke if d is not None] == [1]

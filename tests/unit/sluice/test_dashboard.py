@@ -87,3 +87,23 @@ def test_a_partition_without_a_commit_has_no_lag_to_plot() -> None:
     assert values["lag/sluice-compute"] == 6
     (group,) = dashboard.state()["groups"]
     assert [p["lag"] for p in group["partitions"]] == [6, None]
+
+
+def test_the_lanes_of_a_group_that_reads_the_batch_lane_are_plotted_apart() -> None:
+    dashboard = _dashboard({})
+    dashboard.exporter.latest = LagSnapshot(
+        1.0,
+        (
+            PartitionLag("sluice-compute", "sluice.tokenized", 0, committed=4, end=10),
+            PartitionLag("sluice-compute", "sluice.tokenized.batch", 0, committed=0, end=900),
+            PartitionLag("sluice-compute", "sluice.tokenized.batch", 1, committed=0, end=100),
+            PartitionLag("sluice-postprocess", "sluice.generated", 0, committed=1, end=3),
+        ),
+        {"sluice-compute": GroupInfo("sluice-compute", "Stable", 1)},
+    )
+    values = dashboard._values()
+    lanes = {k: v for k, v in values.items() if k.startswith("lane/")}
+    assert lanes == {"lane/sluice-compute/interactive": 6, "lane/sluice-compute/batch": 1000}
+    assert values["lag/sluice-compute"] == 1006
+    page = (STATIC / "dashboard.html").read_text()
+    assert 'id="chart-lanes"' in page and "lane/" in (STATIC / "dashboard.js").read_text()

@@ -194,6 +194,16 @@ def test_an_unreadable_answer_is_a_server_error_line() -> None:
     assert line["response"]["body"]["error"]["type"] == "server_error"
 
 
+def test_a_line_compute_cancelled_for_the_batch_s_cancel_is_batch_cancelled() -> None:
+    j = job(1)
+    cancelled = ErrorAnswer.build("stopped", type="server_error", code="cancelled")
+    j.offer(1, f"{BATCH}-1", cancelled.model_dump_json().encode())
+    out, err = j.render(EXPIRED_ERROR)
+    (line,) = [orjson.loads(x) for x in err.splitlines()]
+    assert out == b"" and line["response"] is None
+    assert line["error"] == CANCELLED_ERROR.model_dump()
+
+
 # --- the state view ----------------------------------------------------------------------------
 
 
