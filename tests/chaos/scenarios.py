@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from infra.kafka.broker import BrokerConfig, start_broker, stop_broker
 from infra.process import ServiceHandle
@@ -249,6 +249,24 @@ def engine_crash(
     return fault
 
 
+async def first_answer(settings: Settings, within: float = 120.0) -> None:
+    """Wait until the answers topic holds an answer: every stage is serving."""
+    consumer = AIOKafkaConsumer(
+        settings.topics.answers,
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        t0 = time.monotonic()
+        while not any((await consumer.getmany(timeout_ms=500)).values()):
+            if time.monotonic() - t0 > within:
+                raise RuntimeError(f"no answer within {within:.0f}s: the stages did not start")
+    finally:
+        await consumer.stop()
+
+
 def engine_stall(
     stall_file: Path, after_s: float, for_s: float
 ) -> Callable[[Rig], Awaitable[None]]:
@@ -256,6 +274,7 @@ def engine_stall(
     ``engine_stall_s`` is a stall: compute writes a crash report and exits."""
 
     async def fault(rig: Rig) -> None:
+        await first_answer(rig.settings)  # compute is up (a supervisor starts it later)
         await asyncio.sleep(after_s)
         await asyncio.to_thread(stall_file.write_text, "stall")
         await asyncio.sleep(for_s)

@@ -104,9 +104,9 @@ async def test_engine_stall_restarted_by_the_supervisor(
         settings,
         tmp_path / "logs",
         name="engine-stall",
-        n=300 * SCALE,
+        n=600 * SCALE,
         rate=30.0,
-        fault=scenarios.engine_stall(stall_file, after_s=2.0, for_s=3.5),
+        fault=scenarios.engine_stall(stall_file, after_s=1.0, for_s=3.5),
         within=90.0,
         supervised=("compute",),
     )
