@@ -67,7 +67,9 @@ async def one(client: SluiceClient, i: int, t0: float, timeout_s: float) -> Outc
             timeout_s=timeout_s,
         )
     except Exception as exc:  # noqa: BLE001 -- counted by type: the number this bench reports
-        return Outcome(sent - t0, f"exception: {type(exc).__name__}", time.monotonic() - sent)
+        cause = f" ({type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
+        kind = f"exception: {type(exc).__name__}{cause}"
+        return Outcome(sent - t0, kind, time.monotonic() - sent)
     kind = "completion" if reply.ok else f"error: {reply.answer.error.code or reply.status}"  # type: ignore[union-attr]
     return Outcome(sent - t0, kind, time.monotonic() - sent)
 
