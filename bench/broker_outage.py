@@ -6,7 +6,9 @@ process, sends ``--rate`` requests a second for ``--load-s`` seconds, each with 
 for ``--outage-s`` (60 s), then starts it again on the same ports and data. Every request ends
 as one of: answered (a completion), an error answer (by code), or an exception from the client
 (``PublishError`` / ``PublishTimeout`` / other), counted by type. Target: 0 publish errors;
-every request answered.
+every request answered. A stage that loses the broker for long exits (a fatal error, by
+design); the stages here are kept alive as a supervisor would (the chaos suite's rig: restarted
+1 s after they exit), and their restarts are reported.
 
     python -m bench.broker_outage [--rate 20] [--load-s 100] [--down-at 15] [--outage-s 60]
         [--timeout 120] [--out PATH]
@@ -43,12 +45,11 @@ from infra.process import ServiceHandle
 from pipeline import admin
 from pipeline.client import SluiceClient
 from pipeline.config import Settings
-from sluice.procs import StageProcess, stage_env
+from tests.chaos.scenarios import Rig
 
 console = Console()
 
 MODEL = REPO_ROOT / "models" / "demo" / "tokenizer"
-STAGES = ("preprocess", "compute", "postprocess")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +79,10 @@ async def load(
     settings: Settings, args: argparse.Namespace, data_dir: Path, box: dict[str, ServiceHandle]
 ) -> tuple[list[Outcome], dict[str, float]]:
     marks: dict[str, float] = {}
-    async with SluiceClient(settings, source="bench", timeout_s=args.timeout) as client:
+    async with (
+        Rig(settings, args.logs) as rig,
+        SluiceClient(settings, source="bench", timeout_s=args.timeout) as client,
+    ):
         warm0 = time.monotonic()
         while not (await client.request("warm up", timeout_s=30)).ok:
             if time.monotonic() - warm0 > 120:
@@ -108,6 +112,8 @@ async def load(
         await fault
         outcomes = list(await asyncio.gather(*tasks))
         marks["publish_retries"] = client.publish_retries
+        marks["producer_replacements"] = client.producer_replacements
+        marks["stage_restarts"] = rig.restarts
     return outcomes, marks
 
 
@@ -147,12 +153,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             request_timeout_s=args.timeout,
         )
         asyncio.run(admin.create_topics(settings))
-        procs = [StageProcess(s, stage_env(settings), root / f"{s}.log").start() for s in STAGES]
-        try:
-            outcomes, marks = asyncio.run(load(settings, args, data_dir, box))
-        finally:
-            for proc in procs:
-                proc.stop()
+        args.logs = root / "logs"
+        outcomes, marks = asyncio.run(load(settings, args, data_dir, box))
     finally:
         stop_broker(box["broker"])
     return summarize(outcomes, marks)
@@ -176,6 +178,8 @@ def print_table(r: dict[str, Any]) -> None:
         "latency otherwise p50 / p99", " / ".join(f"{v} s" for v in r["latency_outside_s"].values())
     )
     table.add_row("client publish retries", str(r.get("publish_retries")))
+    table.add_row("producers replaced", str(r.get("producer_replacements")))
+    table.add_row("stage restarts (kept alive)", str(r.get("stage_restarts")))
     console.print(table)
 
 

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber
+from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, ProducerClosed
 
 from pipeline.admin import missing_topics, partition_count
 from pipeline.client.prompts import Prepared, Prompt, prepare, refusal
@@ -388,7 +388,8 @@ class SluiceClient:
         batches: once the broker is back its sender fails with ``OutOfOrderSequenceNumber``, and
         that producer then fails every later send with the same error, for ever. Such a producer
         is replaced by a new one (a new producer id) and the send is retried as any retriable
-        error is, until the request's deadline.
+        error is, until the request's deadline; sends still waiting on the dead producer fail
+        with ``ProducerClosed`` when it is stopped, and are retried on the new one too.
         """
         producer = self._producer
         if producer is None:
@@ -399,8 +400,10 @@ class SluiceClient:
                 for key, value, headers in records
             ]
             await asyncio.gather(*acks)
-        except OutOfOrderSequenceNumber as exc:
-            await self._replace_producer(producer)
+        except (OutOfOrderSequenceNumber, ProducerClosed) as exc:
+            if isinstance(exc, ProducerClosed) and self._producer is producer:
+                raise  # closed by stop(), not replaced: the client is stopping
+            await self._replace_producer(producer)  # a no-op when another send replaced it
             raise ProducerReplaced(f"the producer's sender died ({exc!r}); replaced") from exc
 
     async def _replace_producer(self, dead: AIOKafkaProducer) -> None:

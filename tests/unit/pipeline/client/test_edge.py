@@ -14,6 +14,7 @@ from aiokafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
+    ProducerClosed,
 )
 
 from pipeline.client import PublishError, Reply, SluiceClient
@@ -159,6 +160,30 @@ async def test_a_producer_whose_sender_died_is_replaced_and_the_request_served()
     assert (await task).ok
     assert client.producer_replacements == 1 and client._producer is fresh
     assert dead.sent == [] and len(fresh.on("e.prompts")) == 1
+
+
+async def test_a_send_waiting_on_a_replaced_producer_is_retried_on_the_new_one() -> None:
+    """A send still waiting on the dead producer fails with ProducerClosed when another request
+    replaced and stopped it; it is published on the new producer, not raised."""
+    fresh = FakeProducer()
+
+    class Replaced(FakeProducer):
+        async def send(
+            self, topic: str, value: bytes, *, key: bytes | None, headers: list[tuple[str, bytes]]
+        ) -> asyncio.Future[None]:
+            client._producer = fresh
+            raise ProducerClosed()
+
+    client = client_with(Replaced())
+    task = asyncio.create_task(client.request("hi", timeout_s=30))
+    await answer_when_published(client, fresh, lambda rid: answer(rid, completion(rid)))
+    assert (await task).ok and client.producer_replacements == 0
+
+
+async def test_a_producer_closed_by_stop_is_not_replaced() -> None:
+    client = client_with(FakeProducer(failures=1, error=ProducerClosed))
+    with pytest.raises(PublishError, match="ProducerClosed"):
+        await client.request("hi", timeout_s=30)
 
 
 async def test_publish_until_gives_up_at_the_deadline() -> None:
