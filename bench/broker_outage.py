@@ -76,11 +76,15 @@ async def one(client: SluiceClient, i: int, t0: float, timeout_s: float) -> Outc
 
 
 async def load(
-    settings: Settings, args: argparse.Namespace, data_dir: Path, box: dict[str, ServiceHandle]
+    settings: Settings,
+    args: argparse.Namespace,
+    data_dir: Path,
+    box: dict[str, ServiceHandle],
+    logs: Path,
 ) -> tuple[list[Outcome], dict[str, float]]:
     marks: dict[str, float] = {}
     async with (
-        Rig(settings, args.logs) as rig,
+        Rig(settings, logs) as rig,
         SluiceClient(settings, source="bench", timeout_s=args.timeout) as client,
     ):
         warm0 = time.monotonic()
@@ -153,8 +157,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             request_timeout_s=args.timeout,
         )
         asyncio.run(admin.create_topics(settings))
-        args.logs = root / "logs"
-        outcomes, marks = asyncio.run(load(settings, args, data_dir, box))
+        outcomes, marks = asyncio.run(load(settings, args, data_dir, box, root / "logs"))
     finally:
         stop_broker(box["broker"])
     return summarize(outcomes, marks)
