@@ -1,10 +1,11 @@
 """The chaos suite at bench scale: every scenario of tests/chaos, larger, on a private broker,
 plus a soak (stage SIGKILLs spread over a long steady load).
 
-    .venv/bin/python -m bench.chaos [--scale 10] [--soak-s 600] [--out PATH]
+    .venv/bin/python -m bench.chaos [--scale 10] [--hostile 10000] [--soak-s 600] [--out PATH]
 
-Prints the results table (scenario, sent, answered, duplicates, dead-lettered, lost, recovery)
-and writes it as JSON under bench/results/.
+Prints the results table (scenario, sent, answered, duplicates, dead-lettered, lost, restarts,
+recovery) and writes it as JSON under bench/results/ with the machine, the load averages
+before and after, and each scenario's wall time.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
+from bench.common import load_average, machine, results_path, write_json
 from infra.kafka.broker import BrokerConfig, start_broker, stop_broker
 from pipeline.config import Settings
 from tests.chaos import scenarios
@@ -24,7 +26,6 @@ from tests.chaos.hostile import OVERSIZED, SURVIVABLE, UNDECODABLE
 from tests.paths import REPO_ROOT
 
 MODEL = REPO_ROOT / "models" / "demo" / "tokenizer"
-RESULTS = REPO_ROOT / "bench" / "results"
 
 
 def _settings(bootstrap: str, state: Path, **extra: object) -> Settings:
@@ -42,13 +43,13 @@ def _settings(bootstrap: str, state: Path, **extra: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-async def _run(scale: int, soak_s: float, root: Path) -> list[scenarios.Row]:
+async def _run(scale: int, hostile: int, soak_s: float, root: Path) -> list[scenarios.Row]:
     data = root / "kafka"
     handle = await asyncio.to_thread(start_broker, BrokerConfig(data_dir=data))
     rows: list[scenarios.Row] = []
     try:
         for name, kinds, count in (
-            ("hostile-mixed", SURVIVABLE, 10_000 * scale // 10),
+            ("hostile-mixed", SURVIVABLE, hostile),
             ("hostile-oversized", (OVERSIZED,), 5 * scale),
             ("hostile-undecodable-header", (UNDECODABLE,), 5 * scale),
         ):
@@ -73,6 +74,19 @@ async def _run(scale: int, soak_s: float, root: Path) -> list[scenarios.Row]:
             await scenarios.under_load(
                 st, root / "engine", name="engine-crash", n=300 * scale, rate=50.0,
                 fault=scenarios.engine_crash(fault_file, after_s=3.0, for_s=10.0), within=300.0,
+            )
+        )  # fmt: skip
+        stall_file = root / "echo-stall"
+        st = await scenarios.fresh_topics(
+            _settings(
+                handle.address, root / "stall", echo_stall_file=stall_file, engine_stall_s=3.0
+            )
+        )
+        rows.append(
+            await scenarios.under_load(
+                st, root / "stall", name="engine-stall", n=300 * scale, rate=50.0,
+                fault=scenarios.engine_stall(stall_file, after_s=2.0, for_s=3.5), within=300.0,
+                supervised=("compute",),
             )
         )  # fmt: skip
         for hard in (True, False):
@@ -100,22 +114,37 @@ async def _run(scale: int, soak_s: float, root: Path) -> list[scenarios.Row]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument("--hostile", type=int, default=10_000, help="hostile-mixed records")
     parser.add_argument("--soak-s", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    started = dt.datetime.now(dt.UTC)
+    load_start = load_average()
+    t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="sluice-chaos-") as tmp:
-        rows = asyncio.run(_run(args.scale, args.soak_s, Path(tmp)))
-    header = "scenario sent answered duplicates dead_lettered lost canaries_lost recovery_s ok"
+        rows = asyncio.run(_run(args.scale, args.hostile, args.soak_s, Path(tmp)))
+    wall = time.monotonic() - t0
+    header = (
+        "scenario sent answered duplicates dead_lettered lost canaries_lost restarts recovery_s ok"
+    )
     print(" | ".join(header.split()))
     for r in rows:
         print(
             f"{r.scenario} | {r.sent} | {r.answered} | {r.duplicates} | {r.dead_lettered} | "
-            f"{r.lost} | {r.canaries_lost} | {r.recovery_s} | {'yes' if r.passed else 'NO'}"
+            f"{r.lost} | {r.canaries_lost} | {r.restarts} | {r.recovery_s} | "
+            f"{'yes' if r.passed else 'NO'}"
         )
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or RESULTS / f"chaos-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+    print(f"all scenarios in {wall / 60:.1f} min")
+    report = {
+        "benchmark": "chaos",
+        "started": started.isoformat(timespec="seconds"),
+        "parameters": {"scale": args.scale, "hostile": args.hostile, "soak_s": args.soak_s},
+        "machine": machine(),
+        "load_average": {"start": load_start, "end": load_average()},
+        "wall_s": round(wall, 1),
+        "rows": [r.as_dict() for r in rows],
+    }
+    out = write_json(results_path("chaos", args.out), report)
     print(f"wrote {out}")
 
 

@@ -39,12 +39,17 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, ProducerClosed
 
 from pipeline.admin import missing_topics, partition_count
 from pipeline.client.many import infer_each
 from pipeline.client.prompts import Prepared, Prompt, prepare, refusal
-from pipeline.client.publish import PublishError, PublishTimeout, publish_until
+from pipeline.client.publish import (
+    ProducerReplaced,
+    PublishError,
+    PublishTimeout,
+    publish_until,
+)
 from pipeline.client.replies import choose_reply_partitions
 from pipeline.client.routing import AnswerRouter, Reply
 from pipeline.client.stream import ReplyStream
@@ -98,6 +103,8 @@ class SluiceClient:
         self._loop_error: str | None = None
         self._broker_ok = False
         self._broker_detail = "not checked yet"
+        self._producer_lock = asyncio.Lock()
+        self.producer_replacements = 0
 
     async def __aenter__(self) -> SluiceClient:
         await self.start()
@@ -134,9 +141,7 @@ class SluiceClient:
             await consumer.seek_to_end(*assigned)
             for tp in assigned:  # resolve every position now, before anything is published
                 await consumer.position(tp)
-            producer = AIOKafkaProducer(**common, acks="all", enable_idempotence=True, linger_ms=2)
-            await producer.start()
-            self._producer = producer
+            self._producer = await self._new_producer()
         except BaseException:
             await self.stop()
             raise
@@ -287,15 +292,14 @@ class SluiceClient:
     async def cancel(self, request_id: str, reason: str = "cancelled") -> None:
         """Ask compute to stop serving ``request_id`` (a cancel on the control topic); its
         answer, if it is still being served, becomes a ``cancelled`` error answer."""
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             raise PublishError("the client is not started")
         value = encode(CancelMessage(id=request_id, reason=reason))
         headers = make_headers(CE_CANCEL, self.source, request_id)
         topic = self.settings.topics.control
 
         async def attempt() -> None:
-            await (await producer.send(topic, value, key=request_id.encode(), headers=headers))
+            await self._send(topic, [(request_id.encode(), value, headers)])
 
         loop = asyncio.get_running_loop()
         await publish_until(
@@ -340,6 +344,54 @@ class SluiceClient:
             self.cancel_soon(request_id, "timeout")
             return reply
 
+    async def _new_producer(self) -> AIOKafkaProducer:
+        """A started idempotent ``acks=all`` producer."""
+        producer = AIOKafkaProducer(
+            **self.settings.kafka_common(), acks="all", enable_idempotence=True, linger_ms=2
+        )
+        await producer.start()
+        return producer
+
+    async def _send(
+        self, topic: str, records: Sequence[tuple[bytes | None, bytes, Headers]]
+    ) -> None:
+        """Send ``records`` (key, value, headers) and await every acknowledgement.
+
+        aiokafka's idempotent producer cannot outlive a broker outage long enough to expire its
+        batches: once the broker is back its sender fails with ``OutOfOrderSequenceNumber``, and
+        that producer then fails every later send with the same error, for ever. Such a producer
+        is replaced by a new one (a new producer id) and the send is retried as any retriable
+        error is, until the request's deadline; sends still waiting on the dead producer fail
+        with ``ProducerClosed`` when it is stopped, and are retried on the new one too.
+        """
+        producer = self._producer
+        if producer is None:
+            raise PublishError("the client is not started")
+        try:
+            acks = [
+                await producer.send(topic, value, key=key, headers=headers)
+                for key, value, headers in records
+            ]
+            await asyncio.gather(*acks)
+        except (OutOfOrderSequenceNumber, ProducerClosed) as exc:
+            if isinstance(exc, ProducerClosed) and self._producer is producer:
+                raise  # closed by stop(), not replaced: the client is stopping
+            await self._replace_producer(producer)  # a no-op when another send replaced it
+            raise ProducerReplaced(f"the producer's sender died ({exc!r}); replaced") from exc
+
+    async def _replace_producer(self, dead: AIOKafkaProducer) -> None:
+        async with self._producer_lock:
+            if id(self._producer) != id(dead):  # another request replaced it already
+                return
+            fresh = await self._new_producer()  # a KafkaError here is retried by the caller
+            self._producer = fresh
+            self.producer_replacements += 1
+            log.warning("client %s: producer replaced after its sender died", self.source)
+        try:
+            await dead.stop()
+        except KafkaError as exc:
+            log.debug("client %s: stopping the dead producer: %s", self.source, exc)
+
     async def publish_prepared(self, batch: Sequence[Prepared], deadline: float) -> bool:
         """Publish ``batch`` (``deadline`` on the loop's clock); True once Kafka has it. When
         the deadline passes first, every request of the batch is given up (a timeout reply
@@ -355,8 +407,7 @@ class SluiceClient:
         return True
 
     async def _publish(self, batch: Sequence[Prepared], deadline: float) -> None:
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             raise PublishError("the client is not started")
         topic = self.settings.topics.prompts
         wall_deadline_ms = now_ms() + int((deadline - asyncio.get_running_loop().time()) * 1000)
@@ -365,15 +416,12 @@ class SluiceClient:
             address = ReplyTo(self.settings.topics.replies, self.reply_partitions[0])
             extra.append(address.header())
         records = [
-            (p, [*make_headers(CE_PROMPT, self.source, p.request_id), *extra]) for p in batch
+            (p.key, p.value, [*make_headers(CE_PROMPT, self.source, p.request_id), *extra])
+            for p in batch
         ]
 
         async def attempt() -> None:
-            acks = [
-                await producer.send(topic, p.value, key=p.key, headers=headers)
-                for p, headers in records
-            ]
-            await asyncio.gather(*acks)
+            await self._send(topic, records)
 
         def retrying(exc: KafkaError) -> None:
             self.publish_retries += 1

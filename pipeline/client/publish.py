@@ -39,6 +39,13 @@ class PublishTimeout(TransientError):
     reason = "publish-timeout"
 
 
+class ProducerReplaced(KafkaError):  # type: ignore[misc]
+    """The producer had died (its sender failed for good) and a new one took its place: the
+    send is worth another attempt on the new one."""
+
+    retriable = True
+
+
 def retriable(exc: KafkaError) -> bool:
     """Worth another attempt: Kafka says so, or the send timed out waiting for the broker."""
     return bool(exc.retriable) or isinstance(exc, KafkaTimeoutError)

@@ -4,12 +4,15 @@ faults injected from outside, and the checker's verdict as one row of the result
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from infra.kafka.broker import BrokerConfig, start_broker, stop_broker
 from infra.process import ServiceHandle
@@ -22,6 +25,7 @@ from tests.chaos.raw import send_raw_batch
 
 STAGES = ("preprocess", "compute", "postprocess")
 RESTART_BACKOFF_S = 1.0
+SUPERVISOR_RESTART = re.compile(r"worker \d+ exited with")
 
 
 @dataclass
@@ -45,13 +49,21 @@ class Row:
 
 
 class Rig:
-    """The stages as processes; a stage that exits is restarted after a short backoff."""
+    """The stages as processes; a stage that exits is restarted after a short backoff.
 
-    def __init__(self, settings: Settings, logs: Path, **env: str) -> None:
+    A stage named in ``supervised`` runs under ``sluice scale --stage <stage> --max-workers 1``
+    instead (one worker, restarted by the supervisor with its own backoff), as an operator
+    would run it; ``supervisor_restarts`` counts the restarts that supervisor logged."""
+
+    def __init__(
+        self, settings: Settings, logs: Path, *, supervised: tuple[str, ...] = (), **env: str
+    ) -> None:
         self.settings = settings
         self.logs = logs
         self.env = env
+        self.supervised = supervised
         self.procs: dict[str, StageProcess] = {}
+        self.supervisors: dict[str, subprocess.Popen[bytes]] = {}
         self.restarts = 0
         self._keeper: asyncio.Task[None] | None = None
 
@@ -59,10 +71,31 @@ class Rig:
         log = self.logs / f"{stage}.log"
         self.procs[stage] = StageProcess(stage, stage_env(self.settings, **self.env), log).start()
 
+    def supervise(self, stage: str) -> None:
+        argv = ["-m", "sluice.cli.main", "scale", "--stage", stage, "--max-workers", "1"]
+        with (self.logs / f"scale-{stage}.log").open("ab") as log:
+            self.supervisors[stage] = subprocess.Popen(
+                [sys.executable, *argv],
+                env=stage_env(self.settings, **self.env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def supervisor_restarts(self) -> int:
+        """Worker exits the supervisors logged ("<stage> worker N exited with ...")."""
+        return sum(
+            len(SUPERVISOR_RESTART.findall((self.logs / f"scale-{s}.log").read_text()))
+            for s in self.supervisors
+        )
+
     async def __aenter__(self) -> Rig:
         self.logs.mkdir(parents=True, exist_ok=True)
         for stage in STAGES:
-            self.start(stage)
+            if stage in self.supervised:
+                self.supervise(stage)
+            else:
+                self.start(stage)
         self._keeper = asyncio.create_task(self._keep_loop(), name="chaos_keep_loop")
         return self
 
@@ -85,6 +118,9 @@ class Rig:
             await asyncio.gather(self._keeper, return_exceptions=True)
         for proc in self.procs.values():
             await asyncio.to_thread(proc.stop)
+        for sup in self.supervisors.values():  # SIGTERM: it stops its workers cleanly
+            sup.terminate()
+            await asyncio.to_thread(sup.wait, 60)
 
 
 async def send_prompts(settings: Settings, items: list[Hostile], canaries_each: int) -> list[str]:
@@ -132,7 +168,7 @@ def _row(
         len(v.dead_lettered),
         len(v.lost),
         len(v.lost & set(canaries)),
-        rig.restarts,
+        rig.restarts + rig.supervisor_restarts,
         round(rec, 1),
     )
 
@@ -178,10 +214,11 @@ async def under_load(
     rate: float,
     fault: Callable[[Rig], Awaitable[None]],
     within: float,
+    supervised: tuple[str, ...] = (),
     **env: str,
 ) -> Row:
     """``n`` prompts at ``rate``/s while ``fault`` runs against the rig."""
-    async with Rig(settings, logs, **env) as rig:
+    async with Rig(settings, logs, supervised=supervised, **env) as rig:
         load = asyncio.create_task(_load(settings, n, name, rate))
         await fault(rig)
         sent = await load
@@ -208,6 +245,40 @@ def engine_crash(
         await asyncio.to_thread(fault_file.write_text, "crash")
         await asyncio.sleep(for_s)
         await asyncio.to_thread(fault_file.unlink)
+
+    return fault
+
+
+async def first_answer(settings: Settings, within: float = 120.0) -> None:
+    """Wait until the answers topic holds an answer: every stage is serving."""
+    consumer = AIOKafkaConsumer(
+        settings.topics.answers,
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        t0 = time.monotonic()
+        while not any((await consumer.getmany(timeout_ms=500)).values()):
+            if time.monotonic() - t0 > within:
+                raise RuntimeError(f"no answer within {within:.0f}s: the stages did not start")
+    finally:
+        await consumer.stop()
+
+
+def engine_stall(
+    stall_file: Path, after_s: float, for_s: float
+) -> Callable[[Rig], Awaitable[None]]:
+    """The echo engine makes no progress while ``stall_file`` exists; one generation that waits
+    ``engine_stall_s`` is a stall: compute writes a crash report and exits."""
+
+    async def fault(rig: Rig) -> None:
+        await first_answer(rig.settings)  # compute is up (a supervisor starts it later)
+        await asyncio.sleep(after_s)
+        await asyncio.to_thread(stall_file.write_text, "stall")
+        await asyncio.sleep(for_s)
+        await asyncio.to_thread(stall_file.unlink)
 
     return fault
 
@@ -244,6 +315,7 @@ __all__ = [
     "Row",
     "broker_restart",
     "engine_crash",
+    "engine_stall",
     "fresh_topics",
     "hostile",
     "kill_stages",

@@ -82,12 +82,36 @@ async def test_stages_sigkilled_under_load(
         settings,
         tmp_path / "logs",
         name="stage-sigkill",
-        n=300 * SCALE,
+        n=750 * SCALE,
         rate=30.0,
-        fault=scenarios.kill_stages(times=3 * SCALE, every_s=2.5),
-        within=90.0,
+        fault=scenarios.kill_stages(times=15 * SCALE, every_s=1.5),  # each stage 5 times
+        within=120.0,
     )
     _report(row)
+    assert row.restarts >= 15 * SCALE
+
+
+async def test_engine_stall_restarted_by_the_supervisor(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Compute runs under ``sluice scale``: the stalled engine ends the process, the supervisor
+    restarts it after its backoff, and every prompt is answered."""
+    stall_file = tmp_path / "echo-stall"
+    settings = await scenarios.fresh_topics(
+        make_settings(echo_stall_file=stall_file, engine_stall_s=3.0)
+    )
+    row = await scenarios.under_load(
+        settings,
+        tmp_path / "logs",
+        name="engine-stall",
+        n=600 * SCALE,
+        rate=30.0,
+        fault=scenarios.engine_stall(stall_file, after_s=1.0, for_s=3.5),
+        within=90.0,
+        supervised=("compute",),
+    )
+    _report(row)
+    assert row.restarts >= 1, "compute did not exit on the stall"
 
 
 async def test_engine_crash(make_settings: Callable[..., Settings], tmp_path: Path) -> None:

@@ -9,7 +9,13 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerClosed,
+)
 
 from pipeline.client import PublishError, Reply, SluiceClient
 from pipeline.client.publish import PublishTimeout, publish_until
@@ -59,6 +65,9 @@ class FakeProducer:
 
     def on(self, topic: str) -> list[Sent]:
         return [s for s in self.sent if s.topic == topic]
+
+    async def stop(self) -> None:
+        return None
 
 
 def client_with(producer: FakeProducer, **settings: Any) -> SluiceClient:
@@ -132,6 +141,48 @@ async def test_an_outage_past_the_deadline_is_a_clear_timeout() -> None:
 async def test_an_error_no_retry_fixes_is_raised_at_once() -> None:
     client = client_with(FakeProducer(failures=1, error=MessageSizeTooLargeError))
     with pytest.raises(PublishError, match="MessageSizeTooLargeError"):
+        await client.request("hi", timeout_s=30)
+
+
+async def test_a_producer_whose_sender_died_is_replaced_and_the_request_served() -> None:
+    """After a long broker outage aiokafka's idempotent producer fails every send with
+    OutOfOrderSequenceNumber for ever; the client starts a new producer and carries on."""
+    dead = FakeProducer(failures=10**6, error=OutOfOrderSequenceNumber)
+    fresh = FakeProducer()
+    client = client_with(dead)
+
+    async def new_producer() -> FakeProducer:
+        return fresh
+
+    client._new_producer = new_producer  # type: ignore[method-assign]
+    task = asyncio.create_task(client.request("hi", timeout_s=30))
+    await answer_when_published(client, fresh, lambda rid: answer(rid, completion(rid)))
+    assert (await task).ok
+    assert client.producer_replacements == 1 and client._producer is fresh
+    assert dead.sent == [] and len(fresh.on("e.prompts")) == 1
+
+
+async def test_a_send_waiting_on_a_replaced_producer_is_retried_on_the_new_one() -> None:
+    """A send still waiting on the dead producer fails with ProducerClosed when another request
+    replaced and stopped it; it is published on the new producer, not raised."""
+    fresh = FakeProducer()
+
+    class Replaced(FakeProducer):
+        async def send(
+            self, topic: str, value: bytes, *, key: bytes | None, headers: list[tuple[str, bytes]]
+        ) -> asyncio.Future[None]:
+            client._producer = fresh
+            raise ProducerClosed()
+
+    client = client_with(Replaced())
+    task = asyncio.create_task(client.request("hi", timeout_s=30))
+    await answer_when_published(client, fresh, lambda rid: answer(rid, completion(rid)))
+    assert (await task).ok and client.producer_replacements == 0
+
+
+async def test_a_producer_closed_by_stop_is_not_replaced() -> None:
+    client = client_with(FakeProducer(failures=1, error=ProducerClosed))
+    with pytest.raises(PublishError, match="ProducerClosed"):
         await client.request("hi", timeout_s=30)
 
 
