@@ -31,7 +31,9 @@ def apply_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 class Postprocess:
     def __init__(self, settings: Settings, text: TextModel) -> None:
         topics = settings.topics
-        self.spec = StageSpec(STAGE, topics.generated, topics.answers)
+        # A generation that finished before its deadline is answered, however late it reaches
+        # postprocess: the expensive work is done, throwing it away helps no one.
+        self.spec = StageSpec(STAGE, topics.generated, topics.answers, expires=False)
         self.text = text
         self.out_topic = topics.answers
         self.end_to_end = Histogram(

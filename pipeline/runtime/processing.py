@@ -118,7 +118,11 @@ class RecordProcessor:
     async def process(self, batch: Batch) -> list[Decision]:
         """One decision per record of ``batch``, in order; raises only a fatal error."""
         at = self._clock_ms()
-        late = {i: self.expire(r, at) for i, r in enumerate(batch) if expired(r.headers, at)}
+        late = {
+            i: self.expire(r, at)
+            for i, r in enumerate(batch)
+            if self.spec.expires and expired(r.headers, at)
+        }
         if not late:
             return [self.decide(result) for result in await self.attempt(batch)]
         live = Batch.of([r for i, r in enumerate(batch) if i not in late])

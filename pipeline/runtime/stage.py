@@ -52,6 +52,10 @@ class StageSpec:
     # ``input_topic``; the loop pauses its partitions while interactive work waits (see
     # ``pipeline/runtime/lanes.py``). Records of either go to ``<record.topic>.DLT``.
     batch_input_topic: str | None = None
+    # Whether the loop answers records past their ``sluice-deadline`` as ``expired`` before
+    # the handler sees them. Off for a stage whose work is cheap next to what came before it
+    # (postprocess: a generation that finished in time is delivered, not thrown away).
+    expires: bool = True
 
     @property
     def input_topics(self) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ refusals, the byte bound, carried headers, per-record isolation, the in-flight l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -68,6 +69,22 @@ async def test_an_expired_record_is_answered_and_dead_lettered_without_the_handl
     assert local.state() == BreakerState.CLOSED and local.breaker.consecutive_faults == 0
     # The answer carries the request's deadline on, like every output.
     assert header_value(answer.headers, SLUICE_DEADLINE) == str(NOW_MS - 1500)
+
+
+async def test_a_stage_that_does_not_expire_hands_late_records_to_its_handler(
+    local: Local,
+) -> None:
+    """Postprocess: a generation that finished in time is answered however late it arrives."""
+    local.spec = dataclasses.replace(local.spec, expires=False)
+    handler = Scripted(local.spec)
+    processor = local.processor(handler)
+    processor._clock_ms = lambda: NOW_MS
+    decisions = await processor.process(
+        local.batch([b"ok-0"], headers=[(SLUICE_DEADLINE, str(NOW_MS - 1).encode())])
+    )
+    assert handler.calls == [[b"ok-0"]]
+    assert [d.error for d in decisions] == [None]
+    assert local.count("sluice_expired_total") == 0
 
 
 async def test_a_batch_of_only_expired_records_calls_nothing(local: Local) -> None:
