@@ -55,8 +55,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Fault injection at CI scale (broker and stage kills, hostile records, engine crash); the
-# larger run is bench/chaos.py. Plain `make test` deselects these.
+# Fault injection at CI scale (broker and stage kills, hostile records, engine crash and stall);
+# .ci/run runs it after `make test`, which deselects it; the larger run is bench/chaos.py.
 chaos: $(STAMP)
 	$(BIN)/python -m infra fetch
 	$(BIN)/pytest -v -m chaos tests/chaos $(PYTEST_ARGS)
