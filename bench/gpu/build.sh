@@ -10,7 +10,7 @@ work=${1:-/tmp/gpu}
 mkdir -p "$work"
 [[ -f $work/hf/config.json ]] || python3 -c "
 from pathlib import Path
-from bench.gpu_engine import make_hf
+from bench.gpu_build import make_hf
 make_hf(Path('$work/hf'))"
 build() {
   [[ -f $work/$1/genai_config.json ]] && return 0

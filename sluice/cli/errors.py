@@ -16,7 +16,6 @@ from typing import Any
 
 import typer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
-from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -29,14 +28,26 @@ from sluice.settings import SettingError, load_settings
 EXIT_CONFIG = 2
 EXIT_FAILED = 3
 
+
+def _object_store_errors() -> tuple[type[BaseException], ...]:
+    """botocore's errors, where it is installed (it comes with aioboto3; a host that serves
+    without object storage, such as the GPU bench host, may not have it)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return ()
+    return (BotoCoreError, ClientError)
+
+
+OBJECT_STORE_ERRORS = _object_store_errors()
+
 EXPECTED: tuple[type[BaseException], ...] = (
     KafkaError,
     SluiceError,
     InfraError,
     OSError,  # includes TimeoutError and ConnectionError
     ValidationError,
-    BotoCoreError,
-    ClientError,
+    *OBJECT_STORE_ERRORS,
 )
 
 err = Console(stderr=True)
@@ -70,7 +81,7 @@ def describe(exc: BaseException, bootstrap: str | None = None) -> tuple[str, int
         return f"the Kafka broker{where} did not answer in time: {_first_line(exc)}", EXIT_FAILED
     if isinstance(exc, KafkaError):
         return f"Kafka{where}: {_first_line(exc)}", EXIT_FAILED
-    if isinstance(exc, BotoCoreError | ClientError):
+    if isinstance(exc, OBJECT_STORE_ERRORS):
         return f"object storage: {_first_line(exc)}", EXIT_FAILED
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
         return f"{exc.strerror}: {exc.filename}", EXIT_FAILED

@@ -15,12 +15,15 @@ raises :class:`EngineSetupError` saying what to install.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from pipeline.errors import FatalError
+
+log = logging.getLogger(__name__)
 
 # genai_config.json provider names -> onnxruntime execution provider names
 ORT_PROVIDER = {
@@ -112,18 +115,25 @@ def check_providers(
     ort = versions(ORT_PACKAGES)
     if not genai:
         raise EngineSetupError(f"no ONNX Runtime GenAI engine is installed: {INSTALL_HINT}")
-    for both in (genai, ort):
-        if len(both) > 1:
-            names = " and ".join(sorted(both))
-            raise EngineSetupError(
-                f"{names} are both installed and provide the same module; keep one "
-                f"(pip uninstall the other, then reinstall it: {INSTALL_HINT})"
-            )
+    clashes = [
+        f"{' and '.join(sorted(both))} are both installed and provide the same module; keep "
+        f"one (pip uninstall the other, then reinstall it: {INSTALL_HINT})"
+        for both in (genai, ort)
+        if len(both) > 1
+    ]
     try:
         providers = tuple(available())
     except ImportError as exc:
         raise EngineSetupError(f"onnxruntime cannot be imported ({exc}): {INSTALL_HINT}") from exc
     report = ProviderReport(wanted, providers, {**genai, **ort})
+    if clashes:
+        # Two packages of one module: whichever import wins decides. Refused when it lacks the
+        # provider the model needs; said loudly when it has it (a path ahead of the other, as
+        # on a host whose GPU packages sit on PYTHONPATH, works as long as it stays so).
+        if report.runs_on not in providers:
+            raise EngineSetupError(clashes[0])
+        for clash in clashes:
+            log.warning("%s; the imported one offers %s, so the model runs", clash, report.runs_on)
     if report.runs_on not in providers:
         need = "sluice-llm[cuda]" if report.runs_on == ORT_PROVIDER["cuda"] else "a build with it"
         raise EngineSetupError(

@@ -79,18 +79,36 @@ def test_no_engine_package_says_which_extra_to_install(tmp_path: Path) -> None:
         check_providers(path, available=lambda: CPU_ONLY, versions=versions_of({}))
 
 
-def test_both_engine_packages_installed_is_refused(tmp_path: Path) -> None:
+def test_both_engine_packages_installed_is_refused_when_the_wanted_provider_is_missing(
+    tmp_path: Path,
+) -> None:
     both = versions_of({"onnxruntime-genai": "0.18.0", "onnxruntime-genai-cuda": "0.18.0"})
     with pytest.raises(EngineSetupError, match="onnxruntime-genai and onnxruntime-genai-cuda"):
-        check_providers(model(tmp_path, []), available=lambda: CPU_ONLY, versions=both)
+        check_providers(model(tmp_path, [{"cuda": {}}]), available=lambda: CPU_ONLY, versions=both)
 
 
-def test_cpu_and_gpu_onnxruntime_side_by_side_is_refused(tmp_path: Path) -> None:
+def test_cpu_and_gpu_onnxruntime_side_by_side_is_refused_without_cuda(tmp_path: Path) -> None:
     mixed = versions_of(
         {"onnxruntime-genai-cuda": "0.18.0", "onnxruntime": "1.31.1", "onnxruntime-gpu": "1.31.1"}
     )
     with pytest.raises(EngineSetupError, match="onnxruntime and onnxruntime-gpu are both"):
-        check_providers(model(tmp_path, []), available=lambda: WITH_CUDA, versions=mixed)
+        check_providers(model(tmp_path, [{"cuda": {}}]), available=lambda: CPU_ONLY, versions=mixed)
+
+
+def test_side_by_side_packages_whose_import_has_the_provider_run_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The GPU packages on PYTHONPATH ahead of an image's CPU onnxruntime: the import that wins
+    offers CUDA, so the model runs, and the clash is said in the log."""
+    mixed = versions_of(
+        {"onnxruntime-genai-cuda": "0.18.0", "onnxruntime": "1.31.1", "onnxruntime-gpu": "1.31.1"}
+    )
+    with caplog.at_level("WARNING", logger="stages.engines.providers"):
+        report = check_providers(
+            model(tmp_path, [{"cuda": {}}]), available=lambda: WITH_CUDA, versions=mixed
+        )
+    assert report.runs_on == "CUDAExecutionProvider"
+    assert "onnxruntime and onnxruntime-gpu are both installed" in caplog.text
 
 
 def test_a_missing_or_broken_config_is_one_clear_error(tmp_path: Path) -> None:
