@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import logging
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -34,11 +31,8 @@ from rich.table import Table
 
 from bench.common import (
     REPO_ROOT,
-    load_average,
-    machine,
     percentile,
-    results_path,
-    write_json,
+    run_and_record,
 )
 from infra.kafka.broker import BrokerConfig, start_broker, stop_broker
 from infra.process import ServiceHandle
@@ -204,23 +198,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    started = dt.datetime.now(dt.UTC)
-    load_start = load_average()
-    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
-        result = run(args, Path(tmp))
+    result, path = run_and_record(
+        "broker_outage",
+        args.out,
+        argv,
+        lambda tmp: run(args, tmp),
+        {**vars(args), "out": str(args.out)},
+    )
     print_table(result)
-    report = {
-        "benchmark": "broker_outage",
-        "started": started.isoformat(timespec="seconds"),
-        "command": " ".join(
-            ["python -m bench.broker_outage", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "machine": machine(),
-        "load_average": {"start": load_start, "end": load_average()},
-        "parameters": {**vars(args), "out": str(args.out)},
-        "result": result,
-    }
-    path = write_json(results_path("broker-outage", args.out), report)
     console.print(f"wrote {path}")
     return 0 if result["publish_errors"] == 0 else 1
 

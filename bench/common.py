@@ -10,7 +10,9 @@ import importlib.metadata
 import os
 import platform
 import statistics
-from collections.abc import Iterator, Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -103,3 +105,29 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     return path
+
+
+def run_and_record(
+    name: str,
+    out: Path | None,
+    argv: Sequence[str] | None,
+    run: Callable[[Path], dict[str, Any]],
+    parameters: dict[str, Any],
+) -> tuple[dict[str, Any], Path]:
+    """Run a benchmark in a temporary folder and write its JSON report: when it started, the
+    command, the machine, the load averages before and after, the parameters and the result.
+    ``name`` is the module under bench/ (``outage_backlog``); returns (result, report path)."""
+    started = dt.datetime.now(dt.UTC)
+    load_start = load_average()
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
+        result = run(Path(tmp))
+    report = {
+        "benchmark": name,
+        "started": started.isoformat(timespec="seconds"),
+        "command": " ".join([f"python -m bench.{name}", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine(),
+        "load_average": {"start": load_start, "end": load_average()},
+        "parameters": parameters,
+        "result": result,
+    }
+    return result, write_json(results_path(name.replace("_", "-"), out), report)

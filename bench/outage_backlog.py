@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import logging
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -37,7 +34,7 @@ from aiokafka import AIOKafkaProducer
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import REPO_ROOT, kafka_broker, load_average, machine, results_path, write_json
+from bench.common import REPO_ROOT, kafka_broker, run_and_record
 from bench.topics import Seen, read_topics, timing
 from pipeline import admin
 from pipeline.aio import run_async
@@ -211,23 +208,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    started = dt.datetime.now(dt.UTC)
-    load_start = load_average()
-    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
-        result = run(args, Path(tmp))
+    result, path = run_and_record(
+        "outage_backlog",
+        args.out,
+        argv,
+        lambda tmp: run(args, tmp),
+        {**vars(args), "out": str(args.out)},
+    )
     print_table(result)
-    report = {
-        "benchmark": "outage_backlog",
-        "started": started.isoformat(timespec="seconds"),
-        "command": " ".join(
-            ["python -m bench.outage_backlog", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "machine": machine(),
-        "load_average": {"start": load_start, "end": load_average()},
-        "parameters": {**vars(args), "out": str(args.out)},
-        "result": result,
-    }
-    path = write_json(results_path("outage-backlog", args.out), report)
     console.print(f"wrote {path}")
     ok = result["generated_short_past_deadline"] == 0 and result["unanswered"] == 0
     return 0 if ok else 1

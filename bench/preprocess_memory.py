@@ -16,10 +16,7 @@ defaults to the setting's default (256 MiB). Target: peak RSS under baseline + t
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import REPO_ROOT, kafka_broker, load_average, machine, results_path, write_json
+from bench.common import REPO_ROOT, kafka_broker, run_and_record
 from pipeline import admin
 from pipeline.aio import run_async
 from pipeline.config import Settings
@@ -181,23 +178,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    started = dt.datetime.now(dt.UTC)
-    load_start = load_average()
-    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
-        result = run(args, Path(tmp))
+    result, path = run_and_record(
+        "preprocess_memory",
+        args.out,
+        argv,
+        lambda tmp: run(args, tmp),
+        {**vars(args), "out": str(args.out)},
+    )
     print_table(result)
-    report = {
-        "benchmark": "preprocess_memory",
-        "started": started.isoformat(timespec="seconds"),
-        "command": " ".join(
-            ["python -m bench.preprocess_memory", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "machine": machine(),
-        "load_average": {"start": load_start, "end": load_average()},
-        "parameters": {**vars(args), "out": str(args.out)},
-        "result": result,
-    }
-    path = write_json(results_path("preprocess-memory", args.out), report)
     console.print(f"wrote {path}")
     return 0 if result["within_bound"] else 1
 
